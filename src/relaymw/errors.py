@@ -13,6 +13,10 @@ __all__ = [
     "StoreError",
     "StoreReadOnlyError",
     "StoreConflictError",
+    "RequestRejected",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamConnectionError",
 ]
 
 
@@ -50,3 +54,36 @@ class StoreReadOnlyError(StoreError):
 
 class StoreConflictError(StoreError):
     """A compare-and-set write lost: the document changed since it was read."""
+
+
+class RequestRejected(RelayError):
+    """A request relaymw answers itself with an error in the client's protocol shape.
+
+    ``code`` is machine-readable (``invalid_json``, ``rate_limited``, ``budget_exceeded`` ...);
+    ``headers`` are added to the response (``Retry-After``, ``RateLimit-*``).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = list(headers)
+
+
+class UpstreamError(RelayError):
+    """The upstream could not be reached or did not answer in time."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """Connecting, or waiting for the next bytes of a response, took longer than allowed."""
+
+
+class UpstreamConnectionError(UpstreamError):
+    """The connection was refused, reset or closed before the response was complete."""
