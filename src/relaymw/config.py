@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import attrs
 import cattrs
@@ -138,9 +139,7 @@ class Price:
 @attrs.frozen
 class RateLimiting:
     storage_uri: str = "memory://"
-    strategy: Literal["fixed-window", "moving-window", "sliding-window-counter"] = (
-        "moving-window"
-    )
+    strategy: Literal["fixed-window", "moving-window", "sliding-window-counter"] = "moving-window"
     identity: str = "header:authorization"
     fail_open: bool = True
     # X-Forwarded-For is only believed when this many trusted proxies sit in front.
@@ -223,9 +222,9 @@ def parse_document(text: bytes | str, fmt: str) -> dict[str, Any]:
             raise ConfigError([ConfigIssue("", f"not UTF-8 text ({exc.reason})")]) from None
     try:
         if fmt == "toml":
-            try:
+            if sys.version_info >= (3, 11):
                 import tomllib
-            except ModuleNotFoundError:  # Python 3.10
+            else:
                 import tomli as tomllib
             doc: object = tomllib.loads(text)
         elif fmt in ("yaml", "yml"):
@@ -430,7 +429,7 @@ def _items(node: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield f"{path}[{i}]", item
 
 
-def _is_number(v: Any) -> bool:
+def _is_number(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -506,12 +505,12 @@ def _semantic_issues(doc: Mapping[str, Any]) -> list[ConfigIssue]:
                     )
         sticky = r.get("sticky_sessions")
         if isinstance(sticky, dict):
-            key = sticky.get("key")
-            if isinstance(key, str) and not _valid_key_spec(key):
+            sticky_key = sticky.get("key")
+            if isinstance(sticky_key, str) and not _valid_key_spec(sticky_key):
                 issues.append(
                     ConfigIssue(
                         f"{path}.sticky_sessions.key",
-                        "must be header:NAME, cookie:NAME, api_key or client_ip",
+                        "must be header:NAME, cookie:NAME, api_key, client_ip or callable",
                     )
                 )
         hc = r.get("health_check")
@@ -538,7 +537,7 @@ def _semantic_issues(doc: Mapping[str, Any]) -> list[ConfigIssue]:
             issues.append(
                 ConfigIssue(
                     "rate_limiting.identity",
-                    "must be header:NAME, cookie:NAME, api_key or client_ip",
+                    "must be header:NAME, cookie:NAME, api_key, client_ip or callable",
                 )
             )
         uri = rl.get("storage_uri")
@@ -565,9 +564,7 @@ def _route_rule_issues(rules: Any, path: str, tags: set[str]) -> list[ConfigIssu
                     ConfigIssue(f"{path}[{i}].version_tag", f"unknown version tag {tag!r}")
                 )
             if tag in seen:
-                issues.append(
-                    ConfigIssue(f"{path}[{i}].version_tag", f"{tag!r} is listed twice")
-                )
+                issues.append(ConfigIssue(f"{path}[{i}].version_tag", f"{tag!r} is listed twice"))
             seen.add(tag)
         w = rule.get("weight")
         if _is_number(w):
@@ -585,9 +582,7 @@ def _route_rule_issues(rules: Any, path: str, tags: set[str]) -> list[ConfigIssu
             else:
                 hint = "normalized: " + ", ".join(_fmt(w) for w in normalize_weights(weights))
             last = f"{path}[{len(rules) - 1}].weight"
-            issues.append(
-                ConfigIssue(last, f"weights sum to {_fmt(total)}, not 100 ({hint})")
-            )
+            issues.append(ConfigIssue(last, f"weights sum to {_fmt(total)}, not 100 ({hint})"))
     return issues
 
 
@@ -599,7 +594,7 @@ def _valid_key_spec(spec: str) -> bool:
     kind, _, name = spec.partition(":")
     if kind in ("header", "cookie"):
         return bool(name)
-    return spec in ("api_key", "client_ip")
+    return spec in ("api_key", "client_ip", "callable")
 
 
 def _valid_limit(spec: str) -> bool:

@@ -10,13 +10,13 @@ __all__ = [
     "ConfigError",
     "ConfigIssue",
     "RelayError",
+    "RequestRejected",
+    "StoreConflictError",
     "StoreError",
     "StoreReadOnlyError",
-    "StoreConflictError",
-    "RequestRejected",
+    "UpstreamConnectionError",
     "UpstreamError",
     "UpstreamTimeout",
-    "UpstreamConnectionError",
 ]
 
 
@@ -26,7 +26,7 @@ class RelayError(Exception):
 
 @attrs.frozen
 class ConfigIssue:
-    """One problem in a configuration document, at ``path`` (``routes[0].route_rules[1].weight``)."""
+    """One problem in a document, at ``path`` (``routes[0].route_rules[1].weight``)."""
 
     path: str
     message: str

@@ -63,7 +63,7 @@ class RouteTable:
         kept = [(t, float(w)) for t, w in rules if w > 0 and t not in out]
         ends = basis_point_ends([w for _, w in kept])
         tags, cum, shares, prev = [], [], {}, 0
-        for (tag, _), end in zip(kept, ends):
+        for (tag, _), end in zip(kept, ends, strict=True):
             if end > prev:  # a rule rounded to zero width can never be chosen
                 tags.append(tag)
                 cum.append(end)

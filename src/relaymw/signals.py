@@ -105,7 +105,7 @@ def send(signal: Signal, sender: Any, **kwargs: Any) -> None:
         try:
             receiver(sender, **kwargs)
         except Exception:
-            log.exception("relaymw signal receiver %r failed on %s", receiver, signal.name)
+            log.exception("relaymw signal receiver %r failed", receiver)
 
 
 class BackgroundReceiver:

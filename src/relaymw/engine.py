@@ -1,0 +1,455 @@
+"""The framework-free core: :class:`Relay` holds the current snapshot and turns one request
+into a decision (route → choice → rewrite) and, when it ends, into one record (usage → cost →
+signals). The ASGI and WSGI adapters only move bytes around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from importlib import resources
+from typing import Any, Literal
+
+import httpx
+import orjson
+
+from relaymw import protocols, signals
+from relaymw.config import RelayConfig, build_config, parse_document, unstructure_config
+from relaymw.cost import cost_of, price_for
+from relaymw.errors import (
+    ConfigError,
+    RequestRejected,
+    StoreConflictError,
+    StoreError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from relaymw.protocols import Endpoint, Usage
+from relaymw.snapshot import CompiledRoute, KeyFunction, RequestView, Snapshot, VersionChoice
+from relaymw.stores import RawDocument, Store, open_store
+from relaymw.upstream import UpstreamPool
+
+__all__ = [
+    "Exchange",
+    "GatewayCall",
+    "Relay",
+    "is_event_stream",
+    "too_large",
+    "upstream_rejection",
+    "usage_of_body",
+]
+
+log = logging.getLogger("relaymw")
+_perf = time.perf_counter
+
+
+class Exchange:
+    """One intercepted request. :meth:`finish` records it exactly once, however it ends."""
+
+    __slots__ = (
+        "choice",
+        "done",
+        "endpoint",
+        "first_chunk_at",
+        "headers_at",
+        "mode",
+        "relay",
+        "sent_at",
+        "started",
+        "stream",
+    )
+
+    def __init__(self, relay: Relay, mode: str, endpoint: Endpoint | None) -> None:
+        self.relay = relay
+        self.mode = mode
+        self.endpoint = endpoint
+        self.started = _perf()
+        self.choice: VersionChoice | None = None
+        self.stream = False
+        self.sent_at = 0.0
+        self.headers_at: float | None = None  # upstream response headers arrived
+        self.first_chunk_at: float | None = None  # first streamed body chunk: time to first token
+        self.done = False
+
+    def mark_first_chunk(self) -> None:
+        if self.first_chunk_at is None:
+            self.first_chunk_at = _perf()
+
+    def finish(self, status: int, usage: Usage | None = None, error: str | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.relay._record(self, status, usage, error)
+
+
+class GatewayCall:
+    """A gateway request ready to send upstream."""
+
+    __slots__ = (
+        "body",
+        "choice",
+        "drop_usage_chunk",
+        "endpoint",
+        "exchange",
+        "headers",
+        "set_cookie",
+        "stream",
+        "url",
+    )
+
+    def __init__(
+        self,
+        choice: VersionChoice,
+        endpoint: Endpoint,
+        url: str,
+        headers: dict[str, str],
+        body: bytes,
+        stream: bool,
+        drop_usage_chunk: bool,
+        set_cookie: str | None,
+        exchange: Exchange,
+    ) -> None:
+        self.choice = choice
+        self.endpoint = endpoint
+        self.url = url
+        self.headers = headers
+        self.body = body
+        self.stream = stream
+        self.drop_usage_chunk = drop_usage_chunk
+        self.set_cookie = set_cookie
+        self.exchange = exchange
+
+    def response_headers(
+        self, upstream_headers: list[tuple[str, str]]
+    ) -> list[tuple[bytes, bytes]]:
+        """Safe upstream headers plus relaymw's own, computed when the response starts."""
+        ex = self.exchange
+        now = _perf()
+        # Time relaymw itself spent: before the upstream call and after its headers arrived.
+        overhead = (ex.sent_at - ex.started) + (now - (ex.headers_at or now))
+        out = protocols.response_headers(upstream_headers)
+        out.append((b"x-relaymw-version", self.choice.version_tag.encode()))
+        out.append((b"x-relaymw-overhead-ms", f"{overhead * 1000:.3f}".encode()))
+        if self.set_cookie:
+            out.append((b"set-cookie", self.set_cookie.encode("latin-1")))
+        return out
+
+
+def default_config_path() -> str:
+    return str(resources.files("relaymw").joinpath("default.toml"))
+
+
+class Relay:
+    """The relay: configuration, choice, and the record of every request.
+
+    Build it from a store (``Relay.from_store("relay.toml")``), from a config mapping or
+    :class:`RelayConfig`, or with no argument for the embedded default configuration.
+    ``sticky_key`` and ``identity`` are callables used where the config says ``"callable"``.
+    """
+
+    def __init__(
+        self,
+        config: RelayConfig | Mapping[str, Any] | None = None,
+        *,
+        store: Store | None = None,
+        sticky_key: KeyFunction | None = None,
+        identity: KeyFunction | None = None,
+        upstream_client: Literal["aiohttp", "httpx"] = "aiohttp",
+        watch: bool = True,
+    ) -> None:
+        self.store = store
+        self.sticky_key = sticky_key
+        self.identity = identity
+        self.pool = UpstreamPool(upstream_client)
+        self._lock = threading.Lock()
+        if store is not None:
+            raw = store.load()
+            document = parse_document(raw.data, raw.format)
+            snapshot = Snapshot.compile(build_config(document), document, raw.revision, raw.source)
+        elif isinstance(config, RelayConfig):
+            snapshot = Snapshot.compile(config, unstructure_config(config), "", "object")
+        elif config is not None:
+            document = dict(config)
+            snapshot = Snapshot.compile(build_config(document), document, "", "mapping")
+        else:
+            path = default_config_path()
+            with open(path, "rb") as f:
+                document = parse_document(f.read(), "toml")
+            snapshot = Snapshot.compile(build_config(document), document, "", "embedded default")
+        self._snapshot = snapshot
+        signals.send(
+            signals.config_loaded,
+            self,
+            config=snapshot.config,
+            revision=snapshot.revision,
+            source=snapshot.source,
+        )
+        if store is not None and watch:
+            store.watch(self._on_document, self._on_store_error)
+
+    @classmethod
+    def from_store(cls, source: str | os.PathLike[str] | Store, **kwargs: Any) -> Relay:
+        """A relay on a store: a path, ``redis://...``, ``https://...`` or a :class:`Store`."""
+        return cls(store=open_store(source), **kwargs)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def config(self) -> RelayConfig:
+        return self._snapshot.config
+
+    # --- configuration changes --------------------------------------------------------------
+
+    def apply_document(self, raw: RawDocument) -> bool:
+        """Validate a new document and swap it in; an invalid one leaves the current config."""
+        if raw.revision and raw.revision == self._snapshot.revision:
+            return True
+        try:
+            document = parse_document(raw.data, raw.format)
+            config = build_config(document)
+        except ConfigError as exc:
+            errors = [str(i) for i in exc.issues]
+            log.warning(
+                "relaymw: rejected configuration from %s, keeping revision %s: %s",
+                raw.source,
+                self._snapshot.revision or "(initial)",
+                "; ".join(errors),
+            )
+            signals.send(signals.config_rejected, self, errors=errors, source=raw.source)
+            return False
+        with self._lock:
+            current = self._snapshot
+            # Ejections made by health checks survive a reload only for tags still routed.
+            self._snapshot = Snapshot.compile(
+                config, document, raw.revision, raw.source, current.ejected
+            )
+        log.info("relaymw: loaded configuration revision %s from %s", raw.revision, raw.source)
+        signals.send(
+            signals.config_loaded, self, config=config, revision=raw.revision, source=raw.source
+        )
+        return True
+
+    def _on_document(self, raw: RawDocument) -> None:
+        self.apply_document(raw)
+
+    def _on_store_error(self, exc: Exception) -> None:
+        store = self.store.describe() if self.store is not None else "store"
+        log.warning("relaymw: %s unavailable, keeping the current configuration: %s", store, exc)
+        signals.send(
+            signals.store_unavailable, self, store=store, error=str(exc), component="config"
+        )
+
+    def update_document(
+        self, change: Callable[[dict[str, Any]], dict[str, Any]], retries: int = 5
+    ) -> Snapshot:
+        """Apply ``change`` to the stored document, validate, save (compare-and-set) and swap.
+
+        Raises :class:`ConfigError` when the result is invalid and ``StoreError`` when the store
+        is read-only or keeps changing under us.
+        """
+        if self.store is None:
+            raise StoreError("this relay has no store to write to")
+        for _ in range(retries):
+            raw = self.store.load()
+            document = change(parse_document(raw.data, raw.format))
+            build_config(document)  # raises ConfigError before anything is written
+            try:
+                self.store.save(document, expected_revision=raw.revision)
+            except StoreConflictError:
+                continue
+            # Read back rather than trust our copy: another writer may already have followed.
+            self.apply_document(self.store.load())
+            return self._snapshot
+        raise StoreError("the configuration kept changing while writing; try again")
+
+    # --- one request ------------------------------------------------------------------------
+
+    def prepare_gateway(
+        self,
+        snapshot: Snapshot,
+        endpoint: Endpoint,
+        raw_body: bytes,
+        request: RequestView,
+        exchange: Exchange,
+    ) -> GatewayCall | None:
+        """Decide a gateway request; None when its ``model`` is not ours (pass it through).
+
+        Raises :class:`RequestRejected` for a request relaymw answers itself.
+        """
+        body = protocols.parse_body(raw_body)
+        found = snapshot.route_for_model(protocols.requested_model(body))
+        if found is None:
+            return None
+        route, pinned = found
+        choice, set_cookie = snapshot.choose(
+            route, request, pinned_tag=pinned, sticky_key=self.sticky_key
+        )
+        self._selected(choice, "gateway")
+        return self.build_call(endpoint, body, choice, request.headers, exchange, set_cookie)
+
+    def build_call(
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        choice: VersionChoice,
+        client_headers: Mapping[str, str],
+        exchange: Exchange,
+        set_cookie: str | None = None,
+    ) -> GatewayCall:
+        """Rewrite a claimed request for the chosen version (``body`` is modified in place)."""
+        exchange.choice = choice
+        protocols.check_family(endpoint, choice.upstream, choice.version_tag)
+        body = protocols.rewrite_request(body, endpoint, choice.version, choice.upstream)
+        stream = protocols.is_stream(body)
+        exchange.stream = stream
+        drop = protocols.request_stream_usage(body, endpoint) if stream else False
+        return GatewayCall(
+            choice,
+            endpoint,
+            protocols.upstream_url(choice.upstream, endpoint),
+            protocols.upstream_headers(choice.upstream, client_headers.items()),
+            orjson.dumps(body),
+            stream,
+            drop,
+            set_cookie,
+            exchange,
+        )
+
+    def choose_in_app(
+        self, snapshot: Snapshot, route: CompiledRoute, request: RequestView
+    ) -> tuple[VersionChoice, str | None]:
+        choice, cookie = snapshot.choose(route, request, sticky_key=self.sticky_key)
+        self._selected(choice, "in_app")
+        return choice, cookie
+
+    def upstream_failed(self, choice: VersionChoice, status: int | None, error: str) -> None:
+        signals.send(
+            signals.upstream_error,
+            self,
+            route=choice.route,
+            version=choice.version_tag,
+            upstream=choice.upstream_name,
+            status=status,
+            error=error,
+        )
+
+    def _selected(self, choice: VersionChoice, mode: str) -> None:
+        signals.send(
+            signals.version_selected,
+            self,
+            route=choice.route,
+            version=choice.version_tag,
+            reason=choice.reason,
+            mode=mode,
+        )
+
+    def _record(
+        self, exchange: Exchange, status: int, usage: Usage | None, error: str | None
+    ) -> None:
+        choice = exchange.choice
+        latency_ms = (_perf() - exchange.started) * 1000
+        ttft_ms = None
+        if exchange.stream and exchange.first_chunk_at is not None:
+            ttft_ms = (exchange.first_chunk_at - exchange.started) * 1000
+        prompt = usage.prompt_tokens if usage else 0
+        completion = usage.completion_tokens if usage else 0
+        cached = usage.cached_tokens if usage else 0
+        cost = Decimal(0)
+        if choice is not None and usage is not None:
+            price = price_for(choice.version.upstream_model(choice.upstream), self.config.pricing)
+            cost = cost_of(price, prompt, completion, cached)
+        if error is None and status >= 500:
+            error = "upstream_error"
+        signals.send(
+            signals.request_finished,
+            self,
+            route=choice.route if choice else None,
+            version=choice.version_tag if choice else None,
+            status=status,
+            latency_ms=latency_ms,
+            ttft_ms=ttft_ms,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cost_usd=cost,
+            stream=exchange.stream,
+            error=error,
+            mode=exchange.mode,
+            protocol=exchange.endpoint.family if exchange.endpoint else None,
+            usage_estimated=usage.estimated if usage else False,
+            cached_tokens=cached,
+        )
+
+    # --- in-app clients ----------------------------------------------------------------------
+
+    def client(self, flavor: Literal["httpx", "httpx2"] = "httpx", **kwargs: Any) -> Any:
+        """An httpx client whose requests for a route alias go to the chosen version.
+
+        ``flavor="httpx2"`` builds it on httpx's fork, which the Anthropic SDK requires.
+        """
+        from relaymw.transport import transports_for
+
+        hx = _httpx_module(flavor)
+        return hx.Client(transport=transports_for(hx)[0](self), **kwargs)
+
+    def async_client(self, flavor: Literal["httpx", "httpx2"] = "httpx", **kwargs: Any) -> Any:
+        """The async form of :meth:`client`: ``openai.AsyncOpenAI(http_client=...)``."""
+        from relaymw.transport import transports_for
+
+        hx = _httpx_module(flavor)
+        return hx.AsyncClient(transport=transports_for(hx)[1](self), **kwargs)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the upstream clients of the running event loop (lifespan shutdown)."""
+        await self.pool.aclose()
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.pool.close()
+
+
+def _httpx_module(flavor: str) -> Any:
+    if flavor == "httpx2":
+        try:
+            import httpx2
+        except ModuleNotFoundError:
+            raise ImportError("flavor='httpx2' needs the httpx2 package installed") from None
+        return httpx2
+    if flavor != "httpx":
+        raise ValueError(f"flavor must be 'httpx' or 'httpx2', not {flavor!r}")
+    return httpx
+
+
+# --- helpers both adapters use ----------------------------------------------------------------
+
+
+def is_event_stream(headers: list[tuple[str, str]]) -> bool:
+    return any(k == "content-type" and v.startswith("text/event-stream") for k, v in headers)
+
+
+def usage_of_body(endpoint: Endpoint, data: bytes) -> Usage | None:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return protocols.usage_from_body(endpoint, obj) if isinstance(obj, dict) else None
+
+
+def upstream_rejection(exc: UpstreamError) -> RequestRejected:
+    if isinstance(exc, UpstreamTimeout):
+        return RequestRejected(504, "upstream_timeout", f"the upstream timed out: {exc}")
+    return RequestRejected(502, "upstream_unreachable", f"the upstream failed: {exc}")
+
+
+def too_large(limit: int) -> RequestRejected:
+    return RequestRejected(
+        413, "request_too_large", f"the request body is larger than the limit of {limit} bytes"
+    )

@@ -1,0 +1,599 @@
+"""OpenAI and Anthropic wire logic: paths, request rewriting, headers, error bodies, usage, SSE.
+
+Pure code on the hot path of every relayed call: no I/O, orjson for JSON, no regexes.
+relaymw never translates between protocols; it only rewrites a request within its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+import attrs
+import orjson
+
+from relaymw.config import Upstream, Version
+from relaymw.errors import RequestRejected
+
+__all__ = [
+    "Endpoint",
+    "Family",
+    "Kind",
+    "StreamObserver",
+    "Usage",
+    "check_family",
+    "error_body",
+    "gateway_paths",
+    "is_stream",
+    "parse_body",
+    "rejection_body",
+    "request_stream_usage",
+    "requested_model",
+    "response_headers",
+    "rewrite_request",
+    "upstream_headers",
+    "upstream_url",
+    "usage_from_body",
+]
+
+Family = Literal["openai", "anthropic"]
+Kind = Literal["chat", "completions", "embeddings", "responses", "messages"]
+
+
+@attrs.frozen
+class Endpoint:
+    """One LLM API operation; ``suffix`` is the path after the API's ``/v1``."""
+
+    family: Family
+    kind: Kind
+    suffix: str
+
+
+_ENDPOINTS = (
+    Endpoint("openai", "chat", "/chat/completions"),
+    Endpoint("openai", "completions", "/completions"),
+    Endpoint("openai", "embeddings", "/embeddings"),
+    Endpoint("openai", "responses", "/responses"),
+    Endpoint("anthropic", "messages", "/messages"),
+)
+
+
+def gateway_paths(prefix: str = "") -> dict[str, Endpoint]:
+    """The API paths gateway mode answers, under ``prefix`` (``""`` or ``"/llm"``)."""
+    prefix = prefix.strip().rstrip("/")
+    if prefix and not prefix.startswith("/"):
+        prefix = "/" + prefix
+    return {f"{prefix}/v1{e.suffix}": e for e in _ENDPOINTS}
+
+
+# --- reading the client's request -----------------------------------------------------------
+
+_JSON_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number"}
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The request's JSON object; anything else is a 400 in the client's protocol."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        msg = "the request body is empty" if not body.strip() else f"invalid JSON body: {exc}"
+        raise RequestRejected(400, "invalid_json", msg) from None
+    if not isinstance(obj, dict):
+        what = _JSON_NAMES.get(type(obj), "null" if obj is None else "a boolean")
+        raise RequestRejected(
+            400, "invalid_request", f"the request body must be a JSON object, not {what}"
+        )
+    return obj
+
+
+def requested_model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestRejected(
+            400, "missing_model", 'the request body needs "model", a non-empty string'
+        )
+    return model
+
+
+def is_stream(body: dict[str, Any]) -> bool:
+    return body.get("stream") is True
+
+
+def check_family(endpoint: Endpoint, upstream: Upstream, version_tag: str) -> None:
+    """Reject a call whose API differs from the chosen version's upstream protocol."""
+    if endpoint.family == upstream.protocol:
+        return
+    instead = "/v1/messages" if upstream.protocol == "anthropic" else "/v1/chat/completions"
+    raise RequestRejected(
+        400,
+        "protocol_mismatch",
+        f"version {version_tag!r} speaks the {upstream.protocol} API but this request used the "
+        f"{endpoint.family} API (/v1{endpoint.suffix}); call {instead} instead "
+        "(relaymw does not translate between protocols)",
+    )
+
+
+# --- rewriting it for the chosen version ----------------------------------------------------
+
+_MAX_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# Wire control stays the client's and relaymw's: a version cannot switch streaming or the model.
+_NEVER_OVERRIDE = frozenset({"model", "stream", "stream_options"})
+# Parameters that mean nothing to (or break) an embeddings call.
+_GENERATION_PARAMS = frozenset(
+    {
+        *_MAX_KEYS,
+        *("temperature", "top_p", "top_k", "min_p", "stop", "stop_sequences", "seed", "n"),
+        *("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"),
+        *("logprobs", "top_logprobs", "best_of", "echo", "suffix", "response_format"),
+        *("tools", "tool_choice", "parallel_tool_calls", "reasoning", "reasoning_effort"),
+        *("thinking", "text", "truncation", "service_tier", "store", "modalities", "audio"),
+        *("prediction", "verbosity", "instructions", "system"),
+    }
+)
+_DEFAULT_MAX_KEY = {"chat": "max_tokens", "completions": "max_tokens", "messages": "max_tokens"}
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def rewrite_request(
+    body: dict[str, Any], endpoint: Endpoint, version: Version, upstream: Upstream
+) -> dict[str, Any]:
+    """The body to send upstream. ``body`` itself is modified and returned (no copy).
+
+    Version parameters override the client's, except the max-token keys, which cap it.
+    Values are shared with ``version.parameters``: treat nested ones as read-only.
+    """
+    embeddings = endpoint.kind == "embeddings"
+    cap: Any = None
+    cap_key = ""
+    for key, value in version.parameters.items():
+        if key in _NEVER_OVERRIDE or (embeddings and key in _GENERATION_PARAMS):
+            continue
+        if key in _MAX_KEYS:
+            if _is_number(value) and (cap is None or value < cap):
+                cap, cap_key = value, key
+        else:
+            body[key] = value
+    if cap is not None:
+        capped = False
+        for key in _MAX_KEYS:
+            if key in body:  # null, a string or a higher number all become the cap
+                capped = True
+                v = body[key]
+                if not _is_number(v) or v > cap:
+                    body[key] = cap
+        if not capped:
+            key = _DEFAULT_MAX_KEY.get(endpoint.kind, "max_output_tokens")
+            # A chat version that spells max_completion_tokens targets models that need it.
+            if endpoint.kind == "chat" and cap_key == "max_completion_tokens":
+                key = cap_key
+            body[key] = cap
+    sp = version.system_prompt
+    if sp and not embeddings:
+        _insert_system_prompt(body, endpoint.kind, sp)
+    body["model"] = version.upstream_model(upstream)
+    return body
+
+
+def _insert_system_prompt(body: dict[str, Any], kind: str, sp: str) -> None:
+    """Put the version's system prompt before anything the client sent."""
+    if kind == "chat":
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            body["messages"] = [{"role": "system", "content": sp}, *messages]
+    elif kind == "completions":
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            body["prompt"] = f"{sp}\n\n{prompt}"
+        elif isinstance(prompt, list):  # token-id prompts (ints, lists of ints) stay as they are
+            body["prompt"] = [f"{sp}\n\n{p}" if isinstance(p, str) else p for p in prompt]
+    elif kind == "responses":
+        own = body.get("instructions")
+        body["instructions"] = f"{sp}\n\n{own}" if isinstance(own, str) and own else sp
+    elif kind == "messages":
+        own = body.get("system")
+        if isinstance(own, str) and own:
+            body["system"] = f"{sp}\n\n{own}"
+        elif isinstance(own, list):
+            body["system"] = [{"type": "text", "text": sp}, *own]
+        else:
+            body["system"] = sp
+
+
+def upstream_url(upstream: Upstream, endpoint: Endpoint) -> str:
+    """OpenAI base URLs include ``/v1``, Anthropic's do not (as each official SDK takes them)."""
+    base = upstream.base_url.rstrip("/")
+    if upstream.protocol == "openai" or base.endswith("/v1"):  # tolerate ".../v1" for Anthropic
+        return base + endpoint.suffix
+    return base + "/v1" + endpoint.suffix
+
+
+# --- headers --------------------------------------------------------------------------------
+
+# The only client headers forwarded, per protocol; everything else (credentials, cookies,
+# organisation/project ids, user-agent, x-stainless-*, content-length, host) is dropped: the
+# upstream call is relaymw's own, made with the upstream's key. Keys are bytes (ASGI) and str.
+_FORWARD: dict[str, dict[bytes | str, str]] = {
+    family: {k: n for n in names for k in (n, n.encode())}
+    for family, names in (
+        ("openai", ("accept", "openai-beta")),
+        ("anthropic", ("accept", "anthropic-beta", "anthropic-version")),
+    )
+}
+
+
+def upstream_headers(
+    upstream: Upstream,
+    client_headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]],
+) -> dict[str, str]:
+    """Headers for the upstream request: the allow-list above plus the upstream's own auth."""
+    allowed = _FORWARD[upstream.protocol]
+    out = {"content-type": "application/json"}
+    for name, value in client_headers:
+        key = allowed.get(name)
+        if key is None:
+            if not isinstance(name, str) or name.islower():
+                continue
+            key = allowed.get(name.lower())
+            if key is None:
+                continue
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        out[key] = f"{out[key]},{text}" if key in out else text
+    if upstream.protocol == "anthropic":
+        out.setdefault("anthropic-version", upstream.anthropic_version)
+        if upstream.api_key:
+            out["x-api-key"] = upstream.api_key
+    elif upstream.api_key:  # keyless local servers (vLLM, Ollama) get no Authorization at all
+        out["authorization"] = "Bearer " + upstream.api_key
+    return out
+
+
+# Upstream response headers passed to the client. Never hop-by-hop, length/encoding (relaymw
+# re-frames the body), set-cookie, the account's rate-limit headers (relaymw sets its own) or
+# the account's organisation ids.
+_RESPONSE_HEADERS = {
+    n: n.encode()
+    for n in (
+        "content-type",
+        "cache-control",
+        "retry-after",
+        "retry-after-ms",
+        "x-should-retry",
+        "x-request-id",
+        "request-id",
+        "openai-processing-ms",
+        "openai-version",
+    )
+}
+
+
+def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for name, value in headers:
+        raw = _RESPONSE_HEADERS.get(name) or _RESPONSE_HEADERS.get(name.lower())
+        if raw is not None:
+            out.append((raw, value.encode("latin-1")))
+    return out
+
+
+# --- error bodies ---------------------------------------------------------------------------
+
+_OPENAI_TYPES = {
+    401: "authentication_error",
+    402: "insufficient_quota",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def error_body(family: Family, status: int, message: str, code: str | None = None) -> bytes:
+    """An error body the protocol's official SDK reads (``type`` follows the status)."""
+    if family == "anthropic":
+        default = "api_error" if status >= 500 else "invalid_request_error"
+        err: dict[str, Any] = {"type": _ANTHROPIC_TYPES.get(status, default), "message": message}
+        if code is not None:
+            err["code"] = code
+        return orjson.dumps({"type": "error", "error": err})
+    default = "server_error" if status >= 500 else "invalid_request_error"
+    etype = _OPENAI_TYPES.get(status, default)
+    return orjson.dumps({"error": {"message": message, "type": etype, "param": None, "code": code}})
+
+
+def rejection_body(family: Family, exc: RequestRejected) -> bytes:
+    return error_body(family, exc.status, exc.message, exc.code)
+
+
+# --- usage ----------------------------------------------------------------------------------
+
+
+@attrs.define
+class Usage:
+    """Tokens of one call. ``prompt_tokens`` counts everything billed as input."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # the part of prompt_tokens read from cache
+    cache_creation_tokens: int = 0  # anthropic cache_creation_input_tokens
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _int(v: object) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _detail(u: dict[str, Any], key: str) -> int:
+    d = u.get(key)
+    return _int(d.get("cached_tokens")) if isinstance(d, dict) else 0
+
+
+def _usage(kind: str, u: dict[str, Any]) -> Usage:
+    if kind == "messages":
+        created = _int(u.get("cache_creation_input_tokens"))
+        read = _int(u.get("cache_read_input_tokens"))
+        return Usage(
+            _int(u.get("input_tokens")) + created + read,
+            _int(u.get("output_tokens")),
+            read,
+            created,
+        )
+    if kind == "responses":
+        return Usage(
+            _int(u.get("input_tokens")),
+            _int(u.get("output_tokens")),
+            _detail(u, "input_tokens_details"),
+        )
+    return Usage(
+        _int(u.get("prompt_tokens")),
+        _int(u.get("completion_tokens")),
+        _detail(u, "prompt_tokens_details"),
+    )
+
+
+def usage_from_body(endpoint: Endpoint, obj: dict[str, Any]) -> Usage | None:
+    """Usage of a non-streamed response body; None when it has none."""
+    u = obj.get("usage")
+    return _usage(endpoint.kind, u) if isinstance(u, dict) else None
+
+
+def request_stream_usage(body: dict[str, Any], endpoint: Endpoint) -> bool:
+    """Make an OpenAI chat/completions stream report usage.
+
+    Returns True when the client did not ask for it, so its usage chunk must be dropped.
+    """
+    if endpoint.kind not in ("chat", "completions") or not is_stream(body):
+        return False
+    opts = body.get("stream_options")
+    if isinstance(opts, dict):
+        if opts.get("include_usage") is True:
+            return False
+        opts["include_usage"] = True
+    else:
+        body["stream_options"] = {"include_usage": True}
+    return True
+
+
+# --- streams --------------------------------------------------------------------------------
+
+_MAX_EVENT = 16 << 20  # a runaway "event" larger than this is passed through unscanned
+_TRIGGERS: dict[str, tuple[bytes, ...]] = {
+    "responses": (b"response.completed", b"response.incomplete", b"response.failed"),
+    "messages": (b"message_start", b"message_delta", b"message_stop"),
+}
+_RESPONSES_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_ANTHROPIC_KEYS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
+def _last_boundary(data: bytes | bytearray, start: int) -> int:
+    """The offset just past the last event separator in ``data[start:]``, else ``start``."""
+    i = data.rfind(b"\n\n", start)
+    j = data.rfind(b"\r\n\r\n", start)
+    return max(i + 2 if i >= 0 else start, j + 4 if j >= 0 else start)
+
+
+def _first_boundary(data: bytes) -> int:
+    i = data.find(b"\n\n")
+    j = data.find(b"\r\n\r\n")
+    if i < 0:
+        return j + 4 if j >= 0 else -1
+    return i + 2 if j < 0 or i < j else j + 4
+
+
+def _events(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(start, end of text, end with separator) of each event in ``data[start:end]``."""
+    pos = start
+    nn = data.find(b"\n\n", pos, end)
+    rr = data.find(b"\r\n\r\n", pos, end)
+    while pos < end:
+        # Re-search only a separator kind already passed: keeps a chunk's split linear.
+        if 0 <= nn < pos:
+            nn = data.find(b"\n\n", pos, end)
+        if 0 <= rr < pos:
+            rr = data.find(b"\r\n\r\n", pos, end)
+        if nn >= 0 and (rr < 0 or nn < rr):
+            yield pos, nn, nn + 2
+            pos = nn + 2
+        elif rr >= 0:
+            yield pos, rr, rr + 4
+            pos = rr + 4
+        else:
+            yield pos, end, end
+            return
+
+
+def _has_usage_object(data: bytes, start: int, end: int) -> bool:
+    """Whether ``"usage"`` is followed by an object (every chunk may carry ``"usage":null``)."""
+    i = data.find(b'"usage"', start, end)
+    while i >= 0:
+        j = i + 7
+        while j < end and data[j] in b" \t:":
+            j += 1
+        if j < end and data[j] == 0x7B:  # "{"
+            return True
+        i = data.find(b'"usage"', j, end)
+    return False
+
+
+def _event_data(event: bytes) -> bytes | None:
+    parts = [
+        line[6:] if line.startswith(b"data: ") else line[5:]
+        for line in event.splitlines()
+        if line.startswith(b"data:")
+    ]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else b"\n".join(parts)
+
+
+class StreamObserver:
+    """Watches an SSE response chunk by chunk: extracts usage and, when asked, drops the
+    usage-only chunk relaymw requested for an OpenAI stream whose client did not."""
+
+    usage: Usage | None
+    done: bool
+
+    def __init__(self, endpoint: Endpoint, drop_usage_chunk: bool = False) -> None:
+        self._kind = endpoint.kind
+        self._drop = drop_usage_chunk and endpoint.kind in ("chat", "completions")
+        self._openai = endpoint.kind not in _TRIGGERS
+        self._triggers = _TRIGGERS.get(endpoint.kind, (b"[DONE]",))
+        self._held = bytearray()  # the trailing partial event (forwarded unless dropping)
+        self._skip = False  # inside a runaway event: pass bytes through until it ends
+        self._anthropic: dict[str, int] = {}
+        self.usage = None
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to forward now: ``chunk`` itself unless dropping the usage chunk."""
+        held, start = self._held, 0
+        if held:
+            # Only the new bytes (and the 3 before them) can complete the held event: a big
+            # event arriving in many chunks costs linear time, not quadratic.
+            seen = max(len(held) - 3, 0)
+            held += chunk
+            if _last_boundary(held, seen) == seen:
+                if len(held) <= _MAX_EVENT:
+                    return b"" if self._drop else chunk
+                self._skip = True  # a runaway event: forward it unscanned
+                data = bytes(held)
+                held.clear()
+                return data if self._drop else chunk
+            data = bytes(held)
+            held.clear()
+        elif self._skip:
+            data, start = chunk, _first_boundary(chunk)
+            if start < 0:
+                return chunk
+            self._skip = False
+        else:
+            data = chunk
+        end = _last_boundary(data, start)
+        drops = self._scan(data, start, end) if end > start else None
+        if end < len(data):
+            if len(data) - end > _MAX_EVENT:
+                self._skip, end = True, len(data)
+            else:
+                held += memoryview(data)[end:]
+        if not self._drop:
+            return chunk
+        if not drops:
+            return data if end == len(data) else data[:end]
+        parts, pos = [], 0
+        for s, e in drops:
+            parts.append(data[pos:s])
+            pos = e
+        parts.append(data[pos:end])
+        return b"".join(parts)
+
+    def finish(self) -> bytes:
+        """Whatever is still held, forwarded as is (a last event without its blank line)."""
+        held = bytes(self._held)
+        self._held.clear()
+        if held and not self._skip and self._interesting(held, 0, len(held)):
+            self._handle(held)
+        self._skip = False
+        return held if self._drop else b""
+
+    def _interesting(self, data: bytes, start: int, end: int) -> bool:
+        for t in self._triggers:
+            if data.find(t, start, end) >= 0:
+                return True
+        return self._openai and _has_usage_object(data, start, end)
+
+    def _scan(self, data: bytes, start: int, end: int) -> list[tuple[int, int]] | None:
+        """Read the complete events in ``data[start:end]``; return the spans to drop."""
+        if not self._interesting(data, start, end):
+            return None
+        drops = []
+        for s, text_end, e in _events(data, start, end):
+            if self._interesting(data, s, text_end) and self._handle(data[s:text_end]):
+                drops.append((s, e))
+        return drops
+
+    def _handle(self, event: bytes) -> bool:
+        """Take usage and the end marker from one event; True if it is the chunk to drop."""
+        payload = _event_data(event)
+        if payload is None:
+            return False
+        if payload == b"[DONE]":
+            self.done = True
+            return False
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(obj, dict):
+            return False
+        kind = obj.get("type")
+        if self._kind == "messages":
+            if kind == "message_start":
+                msg = obj.get("message")
+                self._merge_anthropic(msg.get("usage") if isinstance(msg, dict) else None)
+            elif kind == "message_delta":  # output_tokens here are cumulative
+                self._merge_anthropic(obj.get("usage"))
+            elif kind == "message_stop":
+                self.done = True
+            return False
+        if self._kind == "responses":
+            if kind in _RESPONSES_END:
+                self.done = True
+                resp = obj.get("response")
+                if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
+                    self.usage = _usage("responses", resp["usage"])
+            return False
+        u = obj.get("usage")
+        if not isinstance(u, dict):
+            return False
+        self.usage = _usage(self._kind, u)
+        return self._drop and not obj.get("choices")
+
+    def _merge_anthropic(self, u: object) -> None:
+        if not isinstance(u, dict):
+            return
+        for key in _ANTHROPIC_KEYS:
+            v = u.get(key)
+            if isinstance(v, int) and not isinstance(v, bool):
+                self._anthropic[key] = v
+        self.usage = _usage("messages", self._anthropic)

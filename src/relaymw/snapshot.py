@@ -1,0 +1,235 @@
+"""An immutable, compiled view of one configuration: everything a request needs, precomputed.
+
+A :class:`Snapshot` is built once per accepted document (and again when health checks eject
+a version); requests only read it, so swapping ``relay.snapshot`` is atomic and lock-free.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from relaymw.config import RelayConfig, Route, Upstream, Version
+from relaymw.protocols import Endpoint, gateway_paths
+from relaymw.routing import CookieCodec, RouteTable
+
+__all__ = ["CompiledRoute", "KeyFunction", "RequestView", "Snapshot", "VersionChoice"]
+
+# A callable that derives a key (sticky key or identity) from a request, or None.
+KeyFunction = Callable[["RequestView"], "str | None"]
+
+
+@attrs.frozen
+class VersionChoice:
+    """The version chosen for one request; ``str()`` is the tag.
+
+    Exposed to handlers as ``relaymw.current_version()``, ``request.state.relay`` and
+    ``environ["relaymw.version"]``.
+    """
+
+    route: str
+    version_tag: str
+    version: Version
+    upstream_name: str
+    upstream: Upstream = attrs.field(repr=False)
+    reason: str  # "cookie" | "key" | "weight" | "pin"
+
+    def __str__(self) -> str:
+        return self.version_tag
+
+
+@attrs.define(slots=True)
+class RequestView:
+    """The parts of a request the core reads, independent of ASGI or WSGI."""
+
+    headers: Mapping[str, str]  # lower-case names
+    client_ip: str | None
+    scheme: str
+    _cookies: dict[str, str] | None = None
+
+    @classmethod
+    def build(
+        cls, headers: Mapping[str, str], peer: str | None, scheme: str, trusted_proxies: int
+    ) -> RequestView:
+        """``X-Forwarded-For`` is believed only through ``trusted_proxies`` proxies we run."""
+        if trusted_proxies and (xff := headers.get("x-forwarded-for")):
+            hops = [h.strip() for h in xff.split(",") if h.strip()]
+            if len(hops) >= trusted_proxies:
+                peer = hops[-trusted_proxies]
+        return cls(headers, peer, scheme)
+
+    def cookie(self, name: str) -> str | None:
+        if self._cookies is None:
+            self._cookies = parse_cookie_header(self.headers.get("cookie", ""))
+        return self._cookies.get(name)
+
+    def key(self, spec: str, func: KeyFunction | None = None) -> str | None:
+        """A request key by spec: ``header:NAME``, ``cookie:NAME``, ``api_key``, ``client_ip``
+        or ``callable`` (``func``)."""
+        kind, _, name = spec.partition(":")
+        if kind == "header":
+            return self.headers.get(name.lower())
+        if kind == "cookie":
+            return self.cookie(name)
+        if spec == "api_key":
+            auth = self.headers.get("authorization")
+            if auth and auth[:7].lower() == "bearer ":
+                return auth[7:]
+            return self.headers.get("x-api-key") or auth
+        if spec == "client_ip":
+            return self.client_ip
+        if spec == "callable" and func is not None:
+            return func(self)
+        return None
+
+
+def parse_cookie_header(header: str) -> dict[str, str]:
+    cookies: dict[str, str] = {}
+    for part in header.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name not in cookies:
+            cookies[name] = value.strip('"')
+    return cookies
+
+
+@attrs.frozen
+class CompiledRoute:
+    route: Route
+    table: RouteTable
+    # Every (tag, reason) choice prebuilt, so a request allocates nothing to describe its choice.
+    choices: dict[tuple[str, str], VersionChoice] = attrs.field(hash=False)
+    rule_tags: frozenset[str]
+
+    @property
+    def alias(self) -> str:
+        return self.route.model_alias
+
+
+_REASONS = ("cookie", "key", "weight", "pin")
+
+
+@attrs.frozen
+class Snapshot:
+    config: RelayConfig
+    document: dict[str, Any] = attrs.field(hash=False, repr=False)  # as stored: ${ENV} kept
+    revision: str
+    source: str
+    routes: dict[str, CompiledRoute] = attrs.field(hash=False)
+    in_app_paths: dict[str, CompiledRoute] = attrs.field(hash=False)
+    pins: dict[str, CompiledRoute] = attrs.field(hash=False)  # tag -> route, allow_client_pin
+    gateway: dict[str, Endpoint] = attrs.field(hash=False)  # path -> endpoint
+    cookie_codec: CookieCodec = attrs.field(hash=False, repr=False)
+    ejected: dict[str, frozenset[str]] = attrs.field(hash=False)
+
+    @classmethod
+    def compile(
+        cls,
+        config: RelayConfig,
+        document: dict[str, Any],
+        revision: str = "",
+        source: str = "",
+        ejected: Mapping[str, Iterable[str]] | None = None,
+    ) -> Snapshot:
+        ejected_sets = {alias: frozenset(tags) for alias, tags in (ejected or {}).items()}
+        versions = {v.version_tag: v for v in config.versions}
+        routes: dict[str, CompiledRoute] = {}
+        for route in config.routes:
+            out = ejected_sets.get(route.model_alias, frozenset())
+            table = RouteTable.build(
+                route.model_alias, ((r.version_tag, r.weight) for r in route.route_rules), out
+            )
+            choices = {}
+            for rule in route.route_rules:
+                v = versions[rule.version_tag]
+                up = config.upstreams[v.upstream_endpoint]
+                for reason in _REASONS:
+                    choices[(v.version_tag, reason)] = VersionChoice(
+                        route.model_alias, v.version_tag, v, v.upstream_endpoint, up, reason
+                    )
+            routes[route.model_alias] = CompiledRoute(
+                route, table, choices, frozenset(r.version_tag for r in route.route_rules)
+            )
+        in_app = {p: routes[r.model_alias] for r in config.routes for p in r.paths}
+        pins = {
+            tag: routes[r.model_alias]
+            for r in config.routes
+            if r.allow_client_pin
+            for tag in routes[r.model_alias].rule_tags
+        }
+        gateway = gateway_paths(config.gateway.path_prefix) if config.gateway.enabled else {}
+        return cls(
+            config,
+            document,
+            revision,
+            source,
+            routes,
+            in_app,
+            pins,
+            gateway,
+            CookieCodec(config.sticky.secret),
+            ejected_sets,
+        )
+
+    def route_for_model(self, model: str) -> tuple[CompiledRoute, str | None] | None:
+        """The route a gateway request's ``model`` names, and the tag when it pins one."""
+        route = self.routes.get(model)
+        if route is not None:
+            return route, None
+        route = self.pins.get(model)
+        return (route, model) if route is not None else None
+
+    def choose(
+        self,
+        route: CompiledRoute,
+        request: RequestView,
+        *,
+        pinned_tag: str | None = None,
+        sticky_key: KeyFunction | None = None,
+        now: float | None = None,
+    ) -> tuple[VersionChoice, str | None]:
+        """Choose a version: operator pin, then a valid sticky cookie, then the sticky key,
+        then weight. Returns the choice and a ``Set-Cookie`` value when one must be set."""
+        if pinned_tag is None:
+            pinned_tag = self._operator_pin(route, request)
+        if pinned_tag is not None and pinned_tag in route.rule_tags:
+            return route.choices[(pinned_tag, "pin")], None
+        sticky = route.route.sticky_sessions
+        table = route.table
+        if not sticky.enabled:
+            return route.choices[(table.pick(), "weight")], None
+        now = time.time() if now is None else now
+        raw = request.cookie(sticky.cookie_name)
+        if raw is not None:
+            tag = self.cookie_codec.decode(route.alias, raw, now)
+            if tag is not None and tag in table.eligible:
+                return route.choices[(tag, "cookie")], None
+        key = request.key(sticky.key, sticky_key) if sticky.key else None
+        if key:
+            tag, reason = table.for_key(key), "key"
+        else:
+            tag, reason = table.pick(), "weight"
+        expires = int(now) + sticky.ttl_seconds
+        value = self.cookie_codec.encode(route.alias, tag, expires)
+        cookie = (
+            f"{sticky.cookie_name}={value}; Max-Age={sticky.ttl_seconds}; Path=/; HttpOnly;"
+            " SameSite=Lax"
+        )
+        if request.scheme == "https":
+            cookie += "; Secure"
+        return route.choices[(tag, reason)], cookie
+
+    def _operator_pin(self, route: CompiledRoute, request: RequestView) -> str | None:
+        pinning = self.config.pinning
+        if not pinning.token:
+            return None
+        tag = request.headers.get(pinning.header)
+        if tag is None:
+            return None
+        token = request.headers.get(pinning.token_header, "")
+        if hmac.compare_digest(token.encode(), pinning.token.encode()):
+            return tag
+        return None

@@ -1,0 +1,66 @@
+"""The public names are a contract (SPEC §3): adding or removing one is a deliberate act."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import relaymw
+import relaymw.signals
+import relaymw.stores
+import relaymw.testing
+
+
+def test_top_level_names_are_pinned() -> None:
+    assert sorted(relaymw.__all__) == [
+        "ConfigError",
+        "Relay",
+        "RelayConfig",
+        "RelayError",
+        "RelayMiddleware",
+        "RelayWSGIMiddleware",
+        "VersionChoice",
+        "current_version",
+        "normalize_weights",
+        "signals",
+    ]
+    for name in relaymw.__all__:
+        assert getattr(relaymw, name) is not None
+
+
+def test_stores_and_testing_names() -> None:
+    assert {"FileStore", "Store", "open_store", "register_scheme"} <= set(relaymw.stores.__all__)
+    assert "FakeLLM" in relaymw.testing.__all__
+
+
+def test_every_spec_signal_exists() -> None:
+    spec = [
+        "version_selected",
+        "request_finished",
+        "rate_limited",
+        "cost_limit_exceeded",
+        "budget_threshold",
+        "budget_exceeded",
+        "upstream_error",
+        "version_ejected",
+        "weights_changed",
+        "config_loaded",
+        "config_rejected",
+        "store_unavailable",
+    ]
+    for name in spec:
+        assert name in relaymw.signals.__all__
+        assert hasattr(getattr(relaymw.signals, name), "connect")
+
+
+def test_core_imports_no_web_framework() -> None:
+    """The core and both adapters load without any web framework (or aiohttp's server)."""
+    code = (
+        "import sys, relaymw, relaymw.engine, relaymw.asgi, relaymw.wsgi, relaymw.stores;"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('starlette', 'fastapi', 'flask', 'django', 'uvicorn', 'werkzeug')"
+        " or m == 'aiohttp.web'];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
