@@ -25,6 +25,7 @@ from relaymw.errors import ConfigError, ConfigIssue
 
 __all__ = [
     "Budget",
+    "Budgeting",
     "Gateway",
     "HealthCheck",
     "Pinning",
@@ -78,6 +79,9 @@ class Version:
     system_prompt: str | None = None
     cost_limit_per_request: Decimal | None = None
     metadata: dict[str, Any] = attrs.field(factory=dict, converter=_frozen_dict, hash=False)
+    # Limits that apply to this version's traffic on every route, per identity.
+    rate_limits: tuple[str, ...] = ()
+    token_limits: tuple[str, ...] = ()
 
     def upstream_model(self, upstream: Upstream) -> str:
         """The model name sent upstream: an ``<upstream>/`` or ``<protocol>/`` prefix is
@@ -138,10 +142,12 @@ class Price:
 
 @attrs.frozen
 class RateLimiting:
-    storage_uri: str = "memory://"
+    storage_uri: str = attrs.field(default="memory://", repr=False)  # may hold a password
     strategy: Literal["fixed-window", "moving-window", "sliding-window-counter"] = "moving-window"
     identity: str = "header:authorization"
     fail_open: bool = True
+    # Seconds between probes of an unreachable storage while failing open or closed.
+    recovery_probe_seconds: float = 1.0
     # X-Forwarded-For is only believed when this many trusted proxies sit in front.
     trusted_proxy_count: int = 0
 
@@ -152,6 +158,13 @@ class Budget:
     limit_usd: Decimal
     period: Literal["day", "month"] = "month"
     alert_at: tuple[float, ...] = (0.5, 0.8, 1.0)
+
+
+@attrs.frozen
+class Budgeting:
+    """Where budget spend is kept: ``memory://`` (one process) or a ``redis://`` URI."""
+
+    storage_uri: str = attrs.field(default="memory://", repr=False)
 
 
 @attrs.frozen
@@ -183,6 +196,7 @@ class RelayConfig:
     pricing: dict[str, Price] = attrs.field(factory=dict, hash=False)
     rate_limiting: RateLimiting = RateLimiting()
     budgets: tuple[Budget, ...] = ()
+    budgeting: Budgeting = Budgeting()
     sticky: Sticky = Sticky()
     pinning: Pinning = Pinning()
     gateway: Gateway = Gateway()
@@ -461,6 +475,7 @@ def _semantic_issues(doc: Mapping[str, Any]) -> list[ConfigIssue]:
             if tag in tags:
                 issues.append(ConfigIssue(f"{path}.version_tag", f"duplicate version tag {tag!r}"))
             tags.add(tag)
+        issues.extend(_limit_issues(v, path))
         up = v.get("upstream_endpoint")
         if isinstance(up, str) and up not in upstream_names:
             known = ", ".join(sorted(upstream_names)) or "none defined"
@@ -494,15 +509,7 @@ def _semantic_issues(doc: Mapping[str, Any]) -> list[ConfigIssue]:
                     )
                 else:
                     claimed_paths[p] = str(alias)
-        for key in ("rate_limits", "token_limits"):
-            for i, spec in enumerate(r.get(key) or []):
-                if isinstance(spec, str) and not _valid_limit(spec):
-                    issues.append(
-                        ConfigIssue(
-                            f"{path}.{key}[{i}]",
-                            f"{spec!r} is not a rate limit such as '600/minute' or '10 per second'",
-                        )
-                    )
+        issues.extend(_limit_issues(r, path))
         sticky = r.get("sticky_sessions")
         if isinstance(sticky, dict):
             sticky_key = sticky.get("key")
@@ -595,6 +602,18 @@ def _valid_key_spec(spec: str) -> bool:
     if kind in ("header", "cookie"):
         return bool(name)
     return spec in ("api_key", "client_ip", "callable")
+
+
+def _limit_issues(node: dict[str, Any], path: str) -> list[ConfigIssue]:
+    return [
+        ConfigIssue(
+            f"{path}.{key}[{i}]",
+            f"{spec!r} is not a rate limit such as '600/minute' or '10 per second'",
+        )
+        for key in ("rate_limits", "token_limits")
+        for i, spec in enumerate(node.get(key) or [])
+        if isinstance(spec, str) and not _valid_limit(spec)
+    ]
 
 
 def _valid_limit(spec: str) -> bool:
