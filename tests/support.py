@@ -11,34 +11,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from relaymw.testing import serve_asgi
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-@contextlib.contextmanager
-def serve_asgi(app: Any, **config: Any) -> Iterator[str]:
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @contextlib.contextmanager
@@ -148,3 +128,6 @@ class Recorder:
         while len(self.events) < n and time.monotonic() < deadline:
             time.sleep(0.01)
         return list(self.events)
+
+
+__all__ = ["Recorder", "free_port", "relay_document", "serve_asgi", "serve_wsgi"]

@@ -26,7 +26,7 @@ from relaymw.engine import (
 )
 from relaymw.errors import RequestRejected, UpstreamConnectionError, UpstreamError
 from relaymw.protocols import Endpoint, StreamObserver, Usage
-from relaymw.snapshot import CompiledRoute, RequestView, Snapshot
+from relaymw.snapshot import CompiledRoute, RawHeaders, RequestView, Snapshot
 from relaymw.stores import Store
 
 __all__ = ["RelayMiddleware"]
@@ -217,10 +217,9 @@ class RelayMiddleware:
 
 
 def _request_view(scope: Scope, snapshot: Snapshot) -> RequestView:
-    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
     client = scope.get("client")
     return RequestView.build(
-        headers,
+        RawHeaders(scope["headers"]),
         client[0] if client else None,
         scope.get("scheme", "http"),
         snapshot.config.rate_limiting.trusted_proxy_count,

@@ -9,6 +9,7 @@ SPEC §2). Errors are :class:`ConfigError` carrying a list of ``path: message`` 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -19,6 +20,7 @@ from typing import Any, Literal, TypeGuard
 import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, IterableValidationError
+from cattrs.v import format_exception as cattrs_format_exception
 from cattrs.v import transform_error
 
 from relaymw.errors import ConfigError, ConfigIssue
@@ -234,6 +236,9 @@ def parse_document(text: bytes | str, fmt: str) -> dict[str, Any]:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError([ConfigIssue("", f"not UTF-8 text ({exc.reason})")]) from None
+    if not text.strip():
+        # A file truncated for rewriting looks like this; serving it would drop every route.
+        raise ConfigError([ConfigIssue("", "the document is empty")])
     try:
         if fmt == "toml":
             if sys.version_info >= (3, 11):
@@ -323,40 +328,58 @@ def _join(path: str, key: str) -> str:
 # --- structuring ----------------------------------------------------------------------------
 
 
+class FieldError(ValueError):
+    """Raised by our structuring hooks; its text is the message shown for the field."""
+
+
 def _structure_decimal(value: Any, _: type) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
-        raise TypeError("expected a number")
+        raise FieldError("expected a number")
     try:
         d = Decimal(str(value))
     except InvalidOperation:
-        raise ValueError(f"not a number: {value!r}") from None
+        raise FieldError(f"expected a number, got {value!r}") from None
     if not d.is_finite() or d < 0:
-        raise ValueError("expected a finite number >= 0")
+        raise FieldError("expected a finite number >= 0")
     return d
 
 
 def _structure_float(value: Any, _: type) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError("expected a number")
+        raise FieldError("expected a number")
+    if not math.isfinite(value):
+        raise FieldError("expected a finite number")
     return float(value)
 
 
 def _structure_int(value: Any, _: type) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError("expected an integer")
+        raise FieldError("expected an integer")
     return value
 
 
 def _structure_str(value: Any, _: type) -> str:
     if not isinstance(value, str):
-        raise TypeError("expected a string")
+        raise FieldError("expected a string")
     return value
 
 
 def _structure_bool(value: Any, _: type) -> bool:
     if not isinstance(value, bool):
-        raise TypeError("expected true or false")
+        raise FieldError("expected true or false")
     return value
+
+
+_LITERAL = re.compile(r"^(?P<got>.*) not in literal typing\.Literal\[(?P<allowed>.*)\]$")
+
+
+def _format_exception(exc: BaseException, type_: type | None) -> str:
+    if isinstance(exc, FieldError):
+        return str(exc)
+    text = str(exc)
+    if m := _LITERAL.match(text.strip("()'\"")):
+        return f"must be one of {m.group('allowed')} (got {m.group('got')!r})"
+    return cattrs_format_exception(exc, type_)
 
 
 def _make_converter() -> cattrs.Converter:
@@ -385,7 +408,7 @@ _CATTRS_MESSAGE = re.compile(r"^(?P<msg>.*) @ \$(?P<path>.*)$", re.DOTALL)
 
 def _cattrs_issues(exc: Exception) -> list[ConfigIssue]:
     out = []
-    for line in transform_error(exc, path="$"):
+    for line in transform_error(exc, path="$", format_exception=_format_exception):
         m = _CATTRS_MESSAGE.match(line)
         if not m:
             out.append(ConfigIssue("", line))
@@ -393,8 +416,6 @@ def _cattrs_issues(exc: Exception) -> list[ConfigIssue]:
         path = _DICT_KEY.sub(r".\1", m.group("path")).lstrip(".")
         msg = m.group("msg")
         msg = _TYPE_NAMES.get(msg, msg)
-        if msg.startswith("invalid value for type, expected Literal"):
-            msg = "must be one of " + msg.split("Literal", 1)[1].strip("[]")
         out.append(ConfigIssue(path, msg))
     return out
 
@@ -405,17 +426,67 @@ def build_config(doc: Mapping[str, Any], environ: Mapping[str, str] | None = Non
     Every problem is collected and raised together as one :class:`ConfigError`.
     """
     resolved, issues = interpolate(dict(doc), environ)
+    shape = _shape_issues(resolved)
+    issues.extend(shape)
     issues.extend(_semantic_issues(resolved))
     config: RelayConfig | None = None
     try:
         config = converter.structure(resolved, RelayConfig)
     except (ClassValidationError, IterableValidationError) as exc:
-        issues.extend(_cattrs_issues(exc))
+        # A string where a list belongs would otherwise be reported once per character.
+        bad = tuple(i.path for i in shape)
+        issues.extend(i for i in _cattrs_issues(exc) if not any(_under(i.path, p) for p in bad))
     except Exception as exc:  # a hook's own error outside detailed validation
         issues.append(ConfigIssue("", str(exc)))
     if issues or config is None:
         raise ConfigError(_dedupe(issues))
     return config
+
+
+_LIST_FIELDS = {
+    "": ("versions", "routes", "budgets"),
+    "versions": ("rate_limits", "token_limits"),
+    "routes": ("route_rules", "paths", "rate_limits", "token_limits"),
+    "budgets": ("alert_at",),
+}
+_TABLE_FIELDS = (
+    "upstreams",
+    "pricing",
+    "rate_limiting",
+    "budgeting",
+    "sticky",
+    "pinning",
+    "gateway",
+)
+
+
+def _shape_issues(doc: Mapping[str, Any]) -> list[ConfigIssue]:
+    """Lists that are not lists and tables that are not tables, named once at their path."""
+    issues = [
+        ConfigIssue(key, "expected a table")
+        for key in _TABLE_FIELDS
+        if key in doc and not isinstance(doc[key], dict)
+    ]
+
+    def check(node: Mapping[str, Any], path: str, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            if key in node and not isinstance(node[key], list):
+                issues.append(ConfigIssue(_join(path, key), "expected a list"))
+
+    check(doc, "", _LIST_FIELDS[""])
+    for section in ("versions", "routes", "budgets"):
+        items = doc.get(section)
+        if isinstance(items, list):
+            for i, item in enumerate(items):
+                if isinstance(item, dict):
+                    check(item, f"{section}[{i}]", _LIST_FIELDS[section])
+                else:
+                    issues.append(ConfigIssue(f"{section}[{i}]", "expected a table"))
+    return issues
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith((parent + "[", parent + "."))
 
 
 def unstructure_config(config: RelayConfig) -> dict[str, Any]:
@@ -441,6 +512,10 @@ def _items(node: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for i, item in enumerate(node):
             if isinstance(item, dict):
                 yield f"{path}[{i}]", item
+
+
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
 
 
 def _is_number(v: Any) -> TypeGuard[int | float]:
@@ -497,7 +572,7 @@ def _semantic_issues(doc: Mapping[str, Any]) -> list[ConfigIssue]:
                 issues.append(ConfigIssue(f"{path}.model_alias", f"duplicate alias {alias!r}"))
             aliases.add(alias)
         issues.extend(_route_rule_issues(r.get("route_rules"), f"{path}.route_rules", tags))
-        for i, p in enumerate(r.get("paths") or []):
+        for i, p in enumerate(_list(r.get("paths"))):
             if isinstance(p, str):
                 if not p.startswith("/"):
                     issues.append(ConfigIssue(f"{path}.paths[{i}]", "must start with '/'"))
@@ -574,6 +649,9 @@ def _route_rule_issues(rules: Any, path: str, tags: set[str]) -> list[ConfigIssu
                 issues.append(ConfigIssue(f"{path}[{i}].version_tag", f"{tag!r} is listed twice"))
             seen.add(tag)
         w = rule.get("weight")
+        if _is_number(w) and not math.isfinite(w):
+            weights = []  # the structuring hook reports it; a sum with NaN would pass
+            break
         if _is_number(w):
             if w < 0:
                 issues.append(ConfigIssue(f"{path}[{i}].weight", f"must be >= 0, got {w}"))
@@ -611,7 +689,7 @@ def _limit_issues(node: dict[str, Any], path: str) -> list[ConfigIssue]:
             f"{spec!r} is not a rate limit such as '600/minute' or '10 per second'",
         )
         for key in ("rate_limits", "token_limits")
-        for i, spec in enumerate(node.get(key) or [])
+        for i, spec in enumerate(_list(node.get(key)))
         if isinstance(spec, str) and not _valid_limit(spec)
     ]
 

@@ -29,7 +29,14 @@ from relaymw.errors import (
     UpstreamTimeout,
 )
 from relaymw.protocols import Endpoint, Usage
-from relaymw.snapshot import CompiledRoute, KeyFunction, RequestView, Snapshot, VersionChoice
+from relaymw.snapshot import (
+    CompiledRoute,
+    HeaderSource,
+    KeyFunction,
+    RequestView,
+    Snapshot,
+    VersionChoice,
+)
 from relaymw.stores import RawDocument, Store, open_store
 from relaymw.upstream import UpstreamPool
 
@@ -298,7 +305,7 @@ class Relay:
         endpoint: Endpoint,
         body: dict[str, Any],
         choice: VersionChoice,
-        client_headers: Mapping[str, str],
+        client_headers: HeaderSource,
         exchange: Exchange,
         set_cookie: str | None = None,
     ) -> GatewayCall:

@@ -92,13 +92,16 @@ class CookieCodec:
     be moved to another route, extended, or edited to name another version.
     """
 
-    __slots__ = ("_key",)
+    __slots__ = ("_key", "_mac")
 
     def __init__(self, secret: str = "") -> None:
         self._key = secret.encode() if secret else b""
+        # Keyed once; each signature copies this state instead of re-deriving the key pads.
+        self._mac = hmac.new(self._key, digestmod=hashlib.sha256)
 
     def _sign(self, alias: str, tag: str, expires: int) -> str:
-        mac = hmac.new(self._key, f"{alias}~{tag}~{expires}".encode(), hashlib.sha256)
+        mac = self._mac.copy()
+        mac.update(f"{alias}~{tag}~{expires}".encode())
         return base64.urlsafe_b64encode(mac.digest()[:16]).decode().rstrip("=")
 
     def encode(self, alias: str, tag: str, expires: int) -> str:
@@ -112,7 +115,8 @@ class CookieCodec:
         if len(parts) != (3 if self._key else 2):
             return None
         tag, exp = parts[0], parts[1]
-        if not exp.isdigit() or len(exp) > 12 or int(exp) < now:
+        # isascii: str.isdigit() also accepts "²", which int() refuses.
+        if not (exp.isascii() and exp.isdigit()) or len(exp) > 12 or int(exp) < now:
             return None
         if self._key and not hmac.compare_digest(
             parts[2].encode(), self._sign(alias, tag, int(exp)).encode()

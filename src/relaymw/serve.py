@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+
 from relaymw.asgi import Receive, RelayMiddleware, Scope, Send
 from relaymw.engine import Relay
 from relaymw.testing import FakeLLM
@@ -21,7 +22,7 @@ UPSTREAM_ENV = "RELAYMW_UPSTREAM_URL"
 async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
     """The app behind the gateway: a health check and 404s in OpenAI's error shape."""
     if scope["type"] == "lifespan":
-        while (message := await receive())["type"] != "lifespan.shutdown":
+        while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return

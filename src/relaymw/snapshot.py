@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -17,7 +17,15 @@ from relaymw.config import RelayConfig, Route, Upstream, Version
 from relaymw.protocols import Endpoint, gateway_paths
 from relaymw.routing import CookieCodec, RouteTable
 
-__all__ = ["CompiledRoute", "KeyFunction", "RequestView", "Snapshot", "VersionChoice"]
+__all__ = [
+    "CompiledRoute",
+    "HeaderSource",
+    "KeyFunction",
+    "RawHeaders",
+    "RequestView",
+    "Snapshot",
+    "VersionChoice",
+]
 
 # A callable that derives a key (sticky key or identity) from a request, or None.
 KeyFunction = Callable[["RequestView"], "str | None"]
@@ -42,18 +50,43 @@ class VersionChoice:
         return self.version_tag
 
 
+class RawHeaders:
+    """ASGI's header list read lazily: a request usually needs two or three of its headers."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+        self.raw = raw
+
+    def get(self, name: str, /) -> str | None:
+        key = name.encode("latin-1")
+        for k, v in self.raw:
+            if k == key:
+                return v.decode("latin-1")
+        return None
+
+    def items(self) -> Iterable[tuple[bytes, bytes]]:
+        return self.raw
+
+
+class HeaderSource(Protocol):
+    def get(self, name: str, /) -> str | None: ...
+
+    def items(self) -> Iterable[tuple[Any, Any]]: ...
+
+
 @attrs.define(slots=True)
 class RequestView:
     """The parts of a request the core reads, independent of ASGI or WSGI."""
 
-    headers: Mapping[str, str]  # lower-case names
+    headers: HeaderSource  # looked up by lower-case name
     client_ip: str | None
     scheme: str
     _cookies: dict[str, str] | None = None
 
     @classmethod
     def build(
-        cls, headers: Mapping[str, str], peer: str | None, scheme: str, trusted_proxies: int
+        cls, headers: HeaderSource, peer: str | None, scheme: str, trusted_proxies: int
     ) -> RequestView:
         """``X-Forwarded-For`` is believed only through ``trusted_proxies`` proxies we run."""
         if trusted_proxies and (xff := headers.get("x-forwarded-for")):
@@ -64,7 +97,7 @@ class RequestView:
 
     def cookie(self, name: str) -> str | None:
         if self._cookies is None:
-            self._cookies = parse_cookie_header(self.headers.get("cookie", ""))
+            self._cookies = parse_cookie_header(self.headers.get("cookie") or "")
         return self._cookies.get(name)
 
     def key(self, spec: str, func: KeyFunction | None = None) -> str | None:
@@ -226,10 +259,10 @@ class Snapshot:
         pinning = self.config.pinning
         if not pinning.token:
             return None
-        tag = request.headers.get(pinning.header)
+        tag = request.headers.get(pinning.header.lower())
         if tag is None:
             return None
-        token = request.headers.get(pinning.token_header, "")
+        token = request.headers.get(pinning.token_header.lower()) or ""
         if hmac.compare_digest(token.encode(), pinning.token.encode()):
             return tag
         return None

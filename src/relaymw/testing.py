@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import functools
 import itertools
 import random
@@ -57,7 +58,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, Literal
 
@@ -65,7 +66,15 @@ import attrs
 import orjson
 from aiohttp import web
 
-__all__ = ["Behaviour", "FakeLLM", "Fault", "RecordedRequest", "RecordedStream", "main"]
+__all__ = [
+    "Behaviour",
+    "FakeLLM",
+    "Fault",
+    "RecordedRequest",
+    "RecordedStream",
+    "main",
+    "serve_asgi",
+]
 
 Fault = Literal["reset", "stall", "malformed", "truncate"]
 _FAULTS: frozenset[str] = frozenset(("reset", "stall", "malformed", "truncate"))
@@ -117,6 +126,11 @@ def _check_fault(_inst: object, _attribute: attrs.Attribute[Any], value: str | N
 @attrs.frozen
 class Behaviour:
     """How FakeLLM answers for one model; every field is optional.
+
+    ``latency_ms`` delays the response (a stream's headers and first chunk);
+    ``chunk_delay_ms`` paces a stream's content chunks, of which there are ``chunks`` (also
+    the completion token count). ``usage=False`` leaves usage out everywhere, streams
+    included. ``cached_tokens`` is reported as the prompt's cached part.
 
     ``status`` is the status of injected errors (500 when unset). With ``error_rate`` 0 a
     set ``status`` makes *every* request fail with it; with ``error_rate`` > 0 requests fail
@@ -453,7 +467,8 @@ class FakeLLM:
     @property
     def base_url(self) -> str:
         """``http://HOST:PORT``; OpenAI paths are under ``/v1/...``."""
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+        return f"http://{host}:{self.port}"
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -583,6 +598,9 @@ class FakeLLM:
                 self._streams_disconnected += 1
                 stream.disconnected = True
                 stream.disconnected_at = now
+                if stream.completed:  # marked just before the write that failed
+                    stream.completed = False
+                    self._streams_completed -= 1
 
     async def _pause(self, seconds: float) -> None:
         try:
@@ -709,31 +727,28 @@ class FakeLLM:
                 self._streams.append(record)
         response = web.StreamResponse(headers=_SSE_HEADERS)
         delay = behaviour.chunk_delay_ms / 1000
+        # Progress is recorded *before* each write: once bytes are written the client
+        # (in another thread) may act on them, and must find the record already updated.
         try:
             await response.prepare(request)
             if not delay:
                 # Nothing to pace: one write is much cheaper than one per event.
                 data = answer.preamble + b"".join(chunks[:send])
+                self._progress(record, send)
                 if not truncate:
                     data += answer.closing
+                    self._finish(record)
                 await response.write(data)
-                now = time.monotonic()
-                record.chunks_sent = send
-                if send:
-                    record.first_chunk_at = record.last_chunk_at = now
             else:
                 for i in range(send):
                     if i:
                         await asyncio.sleep(delay)
+                    self._progress(record, i + 1)
                     await response.write(answer.preamble + chunks[i] if i == 0 else chunks[i])
-                    now = time.monotonic()
-                    if i == 0:
-                        record.first_chunk_at = now
-                    record.last_chunk_at = now
-                    record.chunks_sent = i + 1
                 if not send:
                     await response.write(answer.preamble)
                 if not truncate:
+                    self._finish(record)
                     await response.write(answer.closing)
         except ConnectionError:
             # The client left between two writes; aiohttp ignores the unsent rest.
@@ -745,11 +760,21 @@ class FakeLLM:
         if truncate:
             record.truncated = True
             if request.transport is not None:
-                request.transport.close()
-        else:
-            record.completed = True
-            self._streams_completed += 1
+                request.transport.close()  # close() still flushes what was written
         return response
+
+    @staticmethod
+    def _progress(record: RecordedStream, sent: int) -> None:
+        if sent:
+            now = time.monotonic()
+            if record.first_chunk_at is None:
+                record.first_chunk_at = now
+            record.last_chunk_at = now
+        record.chunks_sent = sent
+
+    def _finish(self, record: RecordedStream) -> None:
+        record.completed = True
+        self._streams_completed += 1
 
     # ----------------------------------------------------------------- answers
 
@@ -1067,3 +1092,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+@contextlib.contextmanager
+def serve_asgi(app: Any, host: str = "127.0.0.1", **config: Any) -> Iterator[str]:
+    """Run an ASGI app under uvicorn in a background thread; yields its base URL.
+
+    The socket is bound before uvicorn starts, so the port is known and never raced for.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    config.setdefault("log_level", "warning")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            sock.close()
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

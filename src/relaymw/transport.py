@@ -33,7 +33,8 @@ __all__ = ["AsyncRelayTransport", "RelayTransport", "transports_for"]
 
 # "/chat/completions" -> endpoint: matched on the path's end, whatever base URL the SDK has.
 _SUFFIXES = {ep.suffix: ep for ep in protocols.gateway_paths("").values()}
-_NO_REQUEST = RequestView({}, None, "http")
+_NO_HEADERS: dict[str, str] = {}
+_NO_REQUEST = RequestView(_NO_HEADERS, None, "http")
 
 
 def _endpoint_for(path: str) -> Endpoint | None:

@@ -217,7 +217,7 @@ def _status_line(status: int) -> str:
 
 
 def _request_view(environ: Environ, snapshot: Snapshot) -> RequestView:
-    headers = {
+    headers: dict[str, str] = {
         key[5:].replace("_", "-").lower(): value
         for key, value in environ.items()
         if key.startswith("HTTP_")

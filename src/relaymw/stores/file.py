@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -73,6 +74,9 @@ class FileStore:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def load(self) -> RawDocument:
+        # The stat taken before reading is what watch() compares against, so a change
+        # landing between this load and watch() starting is still noticed.
+        self._seen = self._stat()
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
@@ -87,7 +91,6 @@ class FileStore:
     ) -> None:
         if self._thread is not None:
             return
-        self._seen = self._stat()
 
         def run() -> None:
             while not self._stop.wait(self.poll_interval):
@@ -127,7 +130,8 @@ class FileStore:
                     raise StoreConflictError(
                         f"{self.path} changed since revision {expected_revision}; reload and retry"
                     )
-            fd, tmp = tempfile.mkstemp(prefix=".relaymw-", suffix=".tmp", dir=directory)
+            self._remove_stale_temp_files()
+            fd, tmp = tempfile.mkstemp(prefix=self._temp_prefix, suffix=".tmp", dir=directory)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -147,6 +151,18 @@ class FileStore:
                 os.close(dir_fd)
         return _revision(data)
 
+    @property
+    def _temp_prefix(self) -> str:
+        return f".{os.path.basename(self.path)}.relaymw-"
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of writers killed mid-save; safe under the lock, which every writer holds."""
+        directory = os.path.dirname(self.path)
+        for name in os.listdir(directory):
+            if name.startswith(self._temp_prefix) and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -154,4 +170,8 @@ class FileStore:
             self._thread = None
 
 
-register_scheme("file", lambda uri: FileStore(uri.partition("://")[2]))
+def _from_file_uri(uri: str) -> FileStore:
+    return FileStore(urllib.parse.unquote(urllib.parse.urlsplit(uri).path))
+
+
+register_scheme("file", _from_file_uri)
