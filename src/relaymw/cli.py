@@ -321,11 +321,64 @@ def _split_lines(
     return _table(header, rows)
 
 
+# --- serve and demo ------------------------------------------------------------------------------
+
+
+def _add_serve(sub: SubParsers) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run a standalone gateway",
+        description="Run a standalone gateway under uvicorn. Without --config it serves the "
+        "embedded default configuration against a FakeLLM it starts itself.",
+    )
+    p.add_argument("--config", metavar="FILE|URI", help="a settings file or store URI")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from relaymw.errors import RelayError
+    from relaymw.serve import serve
+
+    try:
+        serve(args.config, args.host, args.port)
+    except RelayError as exc:
+        print(f"relaymw: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _add_demo(sub: SubParsers) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="a whole 5→25→50→100%% rollout on a local FakeLLM, in under a minute",
+        description="FakeLLM, an app with the middleware and simulated users, while the "
+        "canary is ramped 5 → 25 → 50 → 100%% through the config store; a live table shows "
+        "each version's requests, error rate, latency and cost.",
+    )
+    p.add_argument("--users", type=_positive_int, default=40, help="simulated users")
+    p.add_argument(
+        "--stage-seconds", type=float, default=10.0, help="seconds per ramp stage (default 10)"
+    )
+    p.add_argument("--plain", action="store_true", help="print lines instead of a live table")
+    p.set_defaults(handler=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from relaymw.demo import run_demo
+
+    run_demo(args.users, args.stage_seconds, live=False if args.plain else None)
+    return EXIT_OK
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 COMMANDS: list[Callable[[SubParsers], None]] = [
     _add_validate,
     _add_simulate,
+    _add_serve,
+    _add_demo,
 ]
 
 

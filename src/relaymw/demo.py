@@ -1,0 +1,237 @@
+"""``relaymw demo``: a whole gray release in under a minute, on this machine alone.
+
+A FakeLLM plays the provider; an app with the middleware serves it on the embedded default
+configuration (copied to a temp file store, so every weight change goes through the store
+and its hot reload); simulated API users, each with a stable ``x-user-id``, call the gateway
+while the canary is ramped 5 → 25 → 50 → 100 %. A live table shows each version's traffic,
+error rate, latency and cost; the summary checks that users who had the canary kept it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import attrs
+
+from relaymw import signals
+from relaymw.engine import Relay, default_config_path
+from relaymw.serve import local_upstream
+from relaymw.stores import FileStore
+
+__all__ = ["run_demo"]
+
+ALIAS = "chat-production"
+STABLE, CANARY = "gpt-4.1-v1", "gpt-4.1-v2"
+STAGES = (5, 25, 50, 100)
+
+
+@attrs.define
+class VersionStats:
+    requests: int = 0
+    errors: int = 0
+    latencies: list[float] = attrs.Factory(list)
+    cost: Decimal = Decimal(0)
+
+    def row(self) -> tuple[str, str, str, str, str]:
+        lat = sorted(self.latencies) or [0.0]
+        p50 = statistics.median(lat)
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        rate = self.errors / self.requests if self.requests else 0.0
+        return (
+            str(self.requests),
+            f"{rate:.1%}",
+            f"{p50:.0f} ms",
+            f"{p99:.0f} ms",
+            f"${self.cost:.4f}",
+        )
+
+
+class Collector:
+    """Per-stage, per-version figures from ``request_finished``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stage = 0
+        self.stats: dict[int, dict[str, VersionStats]] = defaultdict(
+            lambda: defaultdict(VersionStats)
+        )
+
+    def __call__(self, sender: Any, **event: Any) -> None:
+        if event["route"] != ALIAS:
+            return
+        with self.lock:
+            s = self.stats[self.stage][event["version"]]
+            s.requests += 1
+            s.errors += event["error"] is not None
+            s.latencies.append(event["latency_ms"])
+            s.cost += event["cost_usd"]
+
+
+async def _user(
+    session: aiohttp.ClientSession,
+    base: str,
+    user: str,
+    seen: dict[str, list[str]],
+    stop: asyncio.Event,
+) -> None:
+    """Half the calls go to the gateway, half to the app's own endpoint (in-app mode)."""
+    body = {"model": ALIAS, "messages": [{"role": "user", "content": f"review {user}'s diff"}]}
+    paths = itertools.cycle(("/v1/chat/completions", "/api/chat"))
+    while not stop.is_set():
+        try:
+            url = base + next(paths)
+            async with session.post(url, json=body, headers={"x-user-id": user}) as r:
+                await r.read()
+                if "x-relaymw-version" in r.headers:
+                    seen[user].append(r.headers["x-relaymw-version"])
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(random.uniform(0.05, 0.25))
+
+
+def _table(collector: Collector, weights: dict[str, float], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("version", "weight", "requests", "error rate", "p50", "p99", "cost"):
+        table.add_column(col, justify="right" if col != "version" else "left")
+    with collector.lock:
+        stats = collector.stats[collector.stage]
+        for tag in (STABLE, CANARY):
+            table.add_row(tag, f"{weights.get(tag, 0):g}%", *stats[tag].row())
+    return table
+
+
+def _set_weights(relay: Relay, canary: float) -> dict[str, float]:
+    weights = {STABLE: 100 - canary, CANARY: canary}
+
+    def change(doc: dict[str, Any]) -> dict[str, Any]:
+        for route in doc["routes"]:
+            if route["model_alias"] == ALIAS:
+                route["route_rules"] = [{"version_tag": t, "weight": w} for t, w in weights.items()]
+        return doc
+
+    relay.update_document(change)
+    return weights
+
+
+async def _drive(relay: Relay, url: str, users: int, stage_seconds: float, live: bool) -> str:
+    collector = Collector()
+    signals.request_finished.connect(collector)
+    seen: dict[str, list[str]] = defaultdict(list)
+    stop = asyncio.Event()
+    lines: list[str] = []
+    session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+    tasks = [
+        asyncio.ensure_future(_user(session, url, f"user-{i}", seen, stop))
+        for i in range(users)
+    ]
+    canary_users_before: set[str] = set()
+    try:
+        for stage, canary in enumerate(STAGES):
+            collector.stage = stage
+            weights = _set_weights(relay, canary)
+            title = f"relaymw demo: {ALIAS}, canary {CANARY} at {canary}%"
+            deadline = time.monotonic() + stage_seconds
+            if live:
+                from rich.live import Live
+
+                with Live(_table(collector, weights, title), refresh_per_second=4) as view:
+                    while time.monotonic() < deadline:
+                        await asyncio.sleep(0.25)
+                        view.update(_table(collector, weights, title))
+            else:
+                await asyncio.sleep(stage_seconds)
+            now_on_canary = {u for u, v in seen.items() if v and v[-1] == CANARY}
+            kept = len(canary_users_before & now_on_canary)
+            with collector.lock:
+                got = collector.stats[stage]
+                total = sum(s.requests for s in got.values()) or 1
+                share = got[CANARY].requests / total
+                errors = sum(s.errors for s in got.values())
+                cost = sum((s.cost for s in got.values()), Decimal(0))
+            lines.append(
+                f"stage {canary:>3}%: {total:5d} requests, canary share {share:6.1%}, "
+                f"errors {errors}, cost ${cost:.4f}, canary users kept "
+                f"{kept}/{len(canary_users_before)}"
+            )
+            if not live:
+                print(lines[-1], flush=True)
+            canary_users_before = now_on_canary
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close()
+        signals.request_finished.disconnect(collector)
+    return "\n".join(lines)
+
+
+def run_demo(users: int = 40, stage_seconds: float = 10.0, live: bool | None = None) -> str:
+    """Run the demo and return its summary (also printed)."""
+    from relaymw.testing import serve_asgi
+
+    if live is None:
+        live = _rich_available() and os.isatty(1)
+    with local_upstream() as fake, tempfile.TemporaryDirectory() as tmp:
+        # The canary is a little slower and flakier, so the table has something to show.
+        fake.set("gpt-4.1", latency_ms=20, chunk_delay_ms=2)
+        fake.set("gpt-4.1-mini", latency_ms=35, chunk_delay_ms=2, error_rate=0.01, status=503)
+        path = os.path.join(tmp, "relay.toml")
+        shutil.copyfile(default_config_path(), path)
+        relay = Relay.from_store(FileStore(path, poll_interval=0.1))
+        try:
+            with serve_asgi(demo_app(relay)) as url:
+                print(
+                    f"relaymw demo: gateway at {url}/v1, FakeLLM at {fake.base_url}, "
+                    f"{users} users, config store {path}",
+                    flush=True,
+                )
+                summary = asyncio.run(_drive(relay, url, users, stage_seconds, live))
+        finally:
+            relay.close()
+    if live:
+        print("\nSummary\n" + summary, flush=True)
+    return summary
+
+
+def demo_app(relay: Relay) -> Any:
+    """A FastAPI app with the middleware and one in-app endpoint that calls the LLM."""
+    from fastapi import FastAPI, Request
+
+    from relaymw import RelayMiddleware, current_version
+
+    app = FastAPI()
+    client = relay.async_client()
+
+    @app.post("/api/chat")
+    async def chat(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        # The handler names the alias; the transport sends it to the version chosen for
+        # this request, which the middleware picked before the handler ran.
+        r = await client.post("http://llm/v1/chat/completions", json=body)
+        r.raise_for_status()
+        answer = r.json()["choices"][0]["message"]["content"]
+        return {"version": str(current_version()), "answer": answer}
+
+    app.add_middleware(RelayMiddleware, relay=relay)
+    return app
+
+
+def _rich_available() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True
