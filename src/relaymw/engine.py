@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from importlib import resources
@@ -197,6 +198,8 @@ class Relay:
         )
         if store is not None and watch:
             store.watch(self._on_document, self._on_store_error)
+            # Threads do not survive fork (gunicorn --preload): each child watches anew.
+            os.register_at_fork(after_in_child=_rewatch_after_fork(weakref.ref(self)))
 
     @classmethod
     def from_store(cls, source: str | os.PathLike[str] | Store, **kwargs: Any) -> Relay:
@@ -421,6 +424,15 @@ class Relay:
         if self.store is not None:
             self.store.close()
         self.pool.close()
+
+
+def _rewatch_after_fork(ref: weakref.ref[Relay]) -> Callable[[], None]:
+    def rewatch() -> None:
+        relay = ref()
+        if relay is not None and relay.store is not None:
+            relay.store.watch(relay._on_document, relay._on_store_error)
+
+    return rewatch
 
 
 def _httpx_module(flavor: str) -> Any:

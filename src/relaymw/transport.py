@@ -97,7 +97,8 @@ class _Meter:
         call, usage, error = self.call, None, None
         if self.observer is not None:
             usage = self.observer.usage
-            if not self.complete:
+            # SDKs stop reading at the protocol's terminator and close: that is a whole stream.
+            if not (self.complete or self.observer.done):
                 error = "client_disconnected"
         elif self.complete and 200 <= self.status < 300:
             usage = usage_of_body(call.endpoint, b"".join(self.body))

@@ -89,7 +89,7 @@ class FileStore:
         on_change: Callable[[RawDocument], None],
         on_error: Callable[[Exception], None],
     ) -> None:
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             return
 
         def run() -> None:

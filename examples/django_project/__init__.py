@@ -1,0 +1,1 @@
+"""A minimal Django project with relaymw around its WSGI and ASGI applications."""
