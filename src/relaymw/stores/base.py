@@ -27,12 +27,14 @@ class RawDocument:
 class Store(Protocol):
     """Where a configuration document lives.
 
-    ``watch`` starts noticing changes in the background (calling it again while the watcher
-    runs does nothing; after a fork, when the watcher thread is gone, it starts a new one) and calls ``on_change`` with each new
+    ``watch`` starts noticing changes in the background and calls ``on_change`` with each new
     document, or ``on_error`` when the store cannot be read (the caller keeps its
-    last-known-good configuration). ``save`` writes a whole document atomically; with
-    ``expected_revision`` it is a compare-and-set and raises ``StoreConflictError`` when the
-    document changed meanwhile. Read-only stores raise ``StoreReadOnlyError``.
+    last-known-good configuration). Calling it again while the watcher runs does nothing;
+    after a fork, when the watcher thread is gone, it starts a new one.
+
+    ``save`` writes a whole document atomically; with ``expected_revision`` it is a
+    compare-and-set and raises ``StoreConflictError`` when the document changed meanwhile.
+    Read-only stores raise ``StoreReadOnlyError``.
     """
 
     writable: bool
