@@ -135,8 +135,7 @@ async def _drive(relay: Relay, url: str, users: int, stage_seconds: float, live:
     lines: list[str] = []
     session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
     tasks = [
-        asyncio.ensure_future(_user(session, url, f"user-{i}", seen, stop))
-        for i in range(users)
+        asyncio.ensure_future(_user(session, url, f"user-{i}", seen, stop)) for i in range(users)
     ]
     canary_users_before: set[str] = set()
     try:
