@@ -1128,3 +1128,317 @@ def test_sdk_reads_the_stream_without_the_dropped_usage_chunk() -> None:
     assert len(chunks) == 4
     assert all(c.usage is None and c.choices for c in chunks)
     assert chunks[2].choices[0].delta.content == TRICKY
+
+
+# --- the running output count and the stream cut ------------------------------------------------
+
+
+def long_stream(name: str, n: int = 60) -> tuple[p.Endpoint, bytes]:
+    """A FakeLLM-like stream of ``n`` one-token text deltas ("word0 ", "word1 ", ...)."""
+    words = [f"word{i} " for i in range(n)]
+    if name == "chat":
+        head = chat_chunk({"role": "assistant", "content": "", "refusal": None})
+        body = [chat_chunk({"content": w}) for w in words]
+        return CHAT, sse(head, *body, chat_chunk({}, "stop"), CHAT_USAGE_CHUNK, "[DONE]")
+    if name == "completions":
+        env = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m"}
+        choices = [(w, None) for w in words] + [("", "stop")]
+        chunks = [
+            {**env, "choices": [{"text": t, "index": 0, "logprobs": None, "finish_reason": f}]}
+            for t, f in choices
+        ]
+        return COMPLETIONS, sse(*chunks, "[DONE]")
+    if name == "responses":
+        where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+        item = {"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant"}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": _RESP},
+            {"type": "response.in_progress", "response": _RESP},
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {**item, "content": []},
+            },
+            {"type": "response.content_part.added", **where, "part": part},
+            *({"type": "response.output_text.delta", **where, "delta": w} for w in words),
+            {"type": "response.completed", "response": {**_RESP, "status": "completed"}},
+        ]
+        numbered = [{**e, "sequence_number": i} for i, e in enumerate(events)]
+        return RESPONSES, sse(*numbered, typed=True)
+    start = orjson.loads(ANTHROPIC_STREAM.split(b"data: ", 1)[1].split(b"\n", 1)[0])
+    deltas = [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}}
+        for w in words
+    ]
+    block = {"type": "text", "text": ""}
+    return MESSAGES, sse(
+        start,
+        {"type": "content_block_start", "index": 0, "content_block": block},
+        {"type": "ping"},
+        *deltas,
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": n},
+        },
+        {"type": "message_stop"},
+        typed=True,
+    )
+
+
+CUT_NAMES = ["chat", "completions", "responses", "messages"]
+
+
+def cut_run(
+    ep: p.Endpoint, stream: bytes, limit: int, size: int = 37
+) -> tuple[bytes, p.StreamObserver]:
+    """Relay ``stream`` in ``size``-byte chunks and cut it once the count passes ``limit``."""
+    obs = p.StreamObserver(ep, whole_events=True)
+    out = []
+    for i in range(0, len(stream), size):
+        out.append(obs.feed(stream[i : i + size]))
+        if obs.output_tokens > limit:
+            out.append(obs.cut("fallback-model"))
+            break
+    else:
+        out.append(obs.finish())
+    return b"".join(out), obs
+
+
+def _http(body: bytes) -> httpx2.Client:
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    return httpx2.Client(transport=httpx2.MockTransport(handler))
+
+
+def _openai(body: bytes) -> openai.OpenAI:
+    return openai.OpenAI(
+        api_key="k", base_url="http://gw.test/v1", http_client=_http(body), max_retries=0
+    )
+
+
+def _anthropic(body: bytes) -> anthropic.Anthropic:
+    return anthropic.Anthropic(
+        api_key="k", base_url="http://gw.test", http_client=_http(body), max_retries=0
+    )
+
+
+@pytest.mark.parametrize("name", CUT_NAMES)
+def test_output_tokens_is_conservative_and_independent_of_chunking(name: str) -> None:
+    ep, stream = long_stream(name, 60)
+    counts = set()
+    for size in (1, 7, 64, len(stream)):
+        obs = p.StreamObserver(ep)
+        for i in range(0, len(stream), size):
+            obs.feed(stream[i : i + size])
+        obs.finish()
+        counts.add(obs.output_tokens)
+    # 60 one-token deltas of 6-7 bytes: at least 60, and ceil(bytes / 3) of the text.
+    text_bytes = sum(len(f"word{i} ") for i in range(60))
+    expected = max(60, -(-text_bytes // 3))
+    if name == "chat":
+        expected = max(expected, 12)  # the usage chunk reports 12 completion tokens
+    assert counts == {expected}
+
+
+def test_output_tokens_takes_the_reported_count_when_larger() -> None:
+    obs = p.StreamObserver(MESSAGES)
+    obs.feed(ANTHROPIC_STREAM)
+    assert obs.usage is not None and obs.usage.completion_tokens == 15
+    escaped = len(orjson.dumps(TRICKY)) - 2  # measured as sent: JSON-escaped
+    assert obs.output_tokens == max(15, -(-escaped // 3)) == 24
+    big = sse({"type": "message_delta", "delta": {}, "usage": {"output_tokens": 5000}}, typed=True)
+    obs.feed(big)
+    assert obs.output_tokens == 5000
+
+
+def test_output_count_measures_escaped_strings() -> None:
+    text = 'a "quoted" \\ back\\slash\n"'  # escapes: \" \\ \n
+    raw = orjson.dumps(text)[1:-1]
+    obs = p.StreamObserver(CHAT)
+    obs.feed(sse(chat_chunk({"content": text}), chat_chunk({"content": "x"}), "[DONE]"))
+    assert obs._out_bytes == len(raw) + 1
+    assert obs._out_events == 2
+    # Keys as values, empty strings, null and non-string content are not output text.
+    obs = p.StreamObserver(CHAT)
+    obs.feed(sse(chat_chunk({"role": "assistant", "content": "", "refusal": None}), "[DONE]"))
+    obs.feed(b'data: {"choices":[{"delta":{"content" : "abc","x":"content"}}]}\n\n')
+    assert (obs._out_events, obs._out_bytes) == (1, 3)
+
+
+def test_output_counting_parses_no_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    real = orjson.loads
+
+    def counting(data: bytes) -> Any:
+        calls.append(data)
+        return real(data)
+
+    monkeypatch.setattr(orjson, "loads", counting)
+    for name in CUT_NAMES:
+        ep, stream = long_stream(name, 200)
+        obs = p.StreamObserver(ep, whole_events=True)
+        for i in range(0, len(stream), 50):
+            obs.feed(stream[i : i + 50])
+        assert obs.output_tokens >= 200
+    # Only the usage-bearing events (chat usage chunk, message_start/delta/stop,
+    # response.created/in_progress/completed) are parsed, never a text delta.
+    assert all(b"word1" not in c for c in calls)
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_whole_events_forwards_only_complete_events(name: str) -> None:
+    ep, stream, usage = STREAMS[name]
+    for size in (1, 5, 33):
+        obs = p.StreamObserver(ep, whole_events=True)
+        sent = b""
+        for i in range(0, len(stream), size):
+            out = obs.feed(stream[i : i + size])
+            sent += out
+            assert not sent or sent.endswith(b"\n\n"), (size, i)
+        sent += obs.finish()
+        assert sent == stream
+        assert (obs.usage, obs.done) == (usage, True)
+
+
+def test_stream_cut_tail_per_protocol() -> None:
+    chat = p.stream_cut_tail(CHAT, "gpt-4.1", 7, response_id="chatcmpl-9")
+    first, done = chat.split(b"\n\n", 1)
+    assert done == b"data: [DONE]\n\n"
+    assert orjson.loads(first[6:]) | {"created": 0} == {
+        "id": "chatcmpl-9",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "gpt-4.1",
+        "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}],
+    }
+    comp = orjson.loads(p.stream_cut_tail(COMPLETIONS, "m", 7).split(b"\n\n")[0][6:])
+    assert comp["choices"] == [
+        {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+    ]
+    msgs = p.stream_cut_tail(MESSAGES, "claude", 42, open_block=2)
+    names = [line[7:] for line in msgs.split(b"\n") if line.startswith(b"event: ")]
+    assert names == [b"content_block_stop", b"message_delta", b"message_stop"]
+    assert b'"index":2' in msgs
+    assert b'"stop_reason":"max_tokens"' in msgs and b'"output_tokens":42' in msgs
+    resp = p.stream_cut_tail(RESPONSES, "gpt-4.1", 3, response_id="resp_1", sequence_number=9)
+    event = orjson.loads(resp.split(b"data: ", 1)[1])
+    assert event["type"] == "response.incomplete" and event["sequence_number"] == 9
+    assert event["response"]["id"] == "resp_1"
+    assert event["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert p.stream_cut_tail(EMBEDDINGS, "m", 1) == b""
+
+
+def test_cut_only_once_and_not_after_the_end() -> None:
+    ep, stream = long_stream("chat", 5)
+    obs = p.StreamObserver(ep, whole_events=True)
+    obs.feed(stream)
+    assert obs.done and obs.cut("m") == b""  # ended by itself: nothing to add
+    obs = p.StreamObserver(ep, whole_events=True)
+    obs.feed(stream[:200])
+    assert obs.cut("m").endswith(b"data: [DONE]\n\n")
+    assert obs.cut_short and obs.done
+    assert obs.cut("m") == b"" and obs.finish() == b""
+
+
+def test_cut_without_whole_events_terminates_the_partial_event() -> None:
+    ep, stream = long_stream("chat", 5)
+    obs = p.StreamObserver(ep)
+    assert obs.feed(stream[:200]) == stream[:200]  # pass-through, partial event included
+    assert obs.cut("m").startswith(b"\n\ndata: {")
+
+
+def test_sdk_reads_a_cut_chat_stream() -> None:
+    ep, stream = long_stream("chat", 60)
+    body, obs = cut_run(ep, stream, limit=40)
+    assert obs.cut_short
+    chunks = list(
+        _openai(body).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+    )
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].id == "chatcmpl-1" and chunks[-1].model == "gpt-4.1-2025-04-14"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text.startswith("word0 word1 ") and "word59" not in text
+    # The SDK's stream helper treats a stream that hit its limit as it always does.
+    with (
+        pytest.raises(openai.LengthFinishReasonError) as info,
+        _openai(body).chat.completions.stream(
+            model="m", messages=[{"role": "user", "content": "x"}]
+        ) as s,
+    ):
+        s.get_final_completion()
+    final = info.value.completion
+    assert final.choices[0].finish_reason == "length"
+    assert final.choices[0].message.content == text
+
+
+def test_sdk_reads_a_cut_completions_stream() -> None:
+    ep, stream = long_stream("completions", 60)
+    body, obs = cut_run(ep, stream, limit=40)
+    assert obs.cut_short
+    chunks = list(_openai(body).completions.create(model="m", prompt="x", stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].id == "cmpl-1"
+    assert "".join(c.choices[0].text for c in chunks).startswith("word0 word1 ")
+
+
+def test_sdk_reads_a_cut_responses_stream() -> None:
+    ep, stream = long_stream("responses", 60)
+    body, obs = cut_run(ep, stream, limit=40)
+    assert obs.cut_short
+    events = list(_openai(body).responses.create(model="m", input="x", stream=True))
+    last = events[-1]
+    assert last.type == "response.incomplete"
+    assert last.sequence_number == events[-2].sequence_number + 1
+    assert last.response.id == "resp_1"
+    assert last.response.incomplete_details is not None
+    assert last.response.incomplete_details.reason == "max_output_tokens"
+    with _openai(body).responses.stream(model="m", input="x") as s:
+        streamed = list(s)
+    assert streamed[-1].type == "response.incomplete"
+    text = "".join(e.delta for e in streamed if e.type == "response.output_text.delta")
+    assert text.startswith("word0 word1 ")
+    assert streamed[-1].response.output[0].content[0].text == text  # the SDK's accumulation
+
+
+def test_sdk_reads_a_cut_anthropic_stream() -> None:
+    ep, stream = long_stream("messages", 60)
+    body, obs = cut_run(ep, stream, limit=40)
+    assert obs.cut_short
+    events = list(
+        _anthropic(body).messages.create(
+            model="m", max_tokens=100, messages=[{"role": "user", "content": "x"}], stream=True
+        )
+    )
+    assert [e.type for e in events[-3:]] == ["content_block_stop", "message_delta", "message_stop"]
+    assert events[-2].delta.stop_reason == "max_tokens"
+    assert events[-2].usage.output_tokens == obs.output_tokens > 40
+    with _anthropic(body).messages.stream(
+        model="m", max_tokens=100, messages=[{"role": "user", "content": "x"}]
+    ) as s:
+        message = s.get_final_message()
+    assert message.stop_reason == "max_tokens"
+    assert message.usage.output_tokens == obs.output_tokens
+    assert message.usage.input_tokens == 25  # from message_start, kept
+    assert message.content[0].text.startswith("word0 word1 ")  # type: ignore[union-attr]
+
+
+def test_cut_anthropic_stream_between_blocks() -> None:
+    """With no block open, the tail does not close one."""
+    ep, stream = long_stream("messages", 3)
+    end = stream.index(b"event: message_delta")
+    obs = p.StreamObserver(ep, whole_events=True)
+    obs.feed(stream[:end])
+    tail = obs.cut("m")
+    assert tail.startswith(b"event: message_delta")
+    message = None
+    with _anthropic(stream[:end] + tail).messages.stream(
+        model="m", max_tokens=100, messages=[{"role": "user", "content": "x"}]
+    ) as s:
+        message = s.get_final_message()
+    assert message.stop_reason == "max_tokens"

@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from relaymw import protocols
-from relaymw.context import _current
+from relaymw.context import _current, _current_request
 from relaymw.engine import (
+    PAGE_ERRORS,
     Exchange,
     GatewayCall,
     Relay,
@@ -28,6 +29,7 @@ from relaymw.errors import RequestRejected, UpstreamConnectionError, UpstreamErr
 from relaymw.protocols import Endpoint, StreamObserver, Usage
 from relaymw.snapshot import CompiledRoute, RawHeaders, RequestView, Snapshot
 from relaymw.stores import Store
+from relaymw.tokens import estimate_completion_tokens
 
 __all__ = ["RelayMiddleware"]
 
@@ -90,9 +92,16 @@ class RelayMiddleware:
     async def _in_app(
         self, scope: Scope, receive: Receive, send: Send, snapshot: Snapshot, route: CompiledRoute
     ) -> None:
-        choice, cookie = self.relay.choose_in_app(snapshot, route, _request_view(scope, snapshot))
+        request = _request_view(scope, snapshot)
+        choice, cookie = self.relay.choose_in_app(snapshot, route, request)
+        try:
+            limits = await self.relay.guard.acheck_page(route.route, choice.version, request)
+        except RequestRejected as exc:
+            await _send_rejection(send, PAGE_ERRORS, exc, cookie)
+            return
         scope.setdefault("state", {})["relay"] = choice
         extra = [(b"x-relaymw-version", choice.version_tag.encode())]
+        extra += [(k.lower().encode(), v.encode()) for k, v in limits]
         if cookie:
             extra.append((b"set-cookie", cookie.encode("latin-1")))
 
@@ -101,11 +110,12 @@ class RelayMiddleware:
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
-        token = _current.set(choice)
+        token, request_token = _current.set(choice), _current_request.set(request)
         try:
             await self.app(scope, receive, send_with_version)
         finally:
             _current.reset(token)
+            _current_request.reset(request_token)
 
     # --- gateway mode -----------------------------------------------------------------------
 
@@ -116,12 +126,14 @@ class RelayMiddleware:
         exchange = Exchange(relay, "gateway", endpoint)
         try:
             body = await _read_body(scope, receive, snapshot.config.gateway.max_body_bytes)
-            call = relay.prepare_gateway(
-                snapshot, endpoint, body, _request_view(scope, snapshot), exchange
-            )
+            request = _request_view(scope, snapshot)
+            call = relay.prepare_gateway(snapshot, endpoint, body, request, exchange)
+            if call is not None and exchange.admission is not None:
+                await relay.guard.aadmit(exchange.admission, request)
         except RequestRejected as exc:
             await _send_rejection(send, endpoint, exc)
             exchange.finish(exc.status, error=exc.code)
+            await relay.asettle(exchange)
             return
         except ClientDisconnected:
             exchange.finish(499, error="client_disconnected")
@@ -143,19 +155,22 @@ class RelayMiddleware:
             self.relay.upstream_failed(call.choice, None, rejected.code)
             await _send_rejection(send, call.endpoint, rejected, call.set_cookie)
             exchange.finish(rejected.status, error=rejected.code)
+            await self.relay.asettle(exchange)
             return
         exchange.headers_at = time.perf_counter()
         status = response.status
         usage: Usage | None = None
         error: str | None = None
+        output = 0
         try:
             headers = call.response_headers(response.headers)
             if call.stream and status == 200 and is_event_stream(response.headers):
-                usage, error = await self._stream(call, response, headers, receive, send)
+                usage, error, output = await self._stream(call, response, headers, receive, send)
             else:
                 data = await response.read()
                 if 200 <= status < 300:
                     usage = usage_of_body(call.endpoint, data)
+                    output = estimate_completion_tokens(data) if usage is None else 0
                 else:
                     self.relay.upstream_failed(call.choice, status, "upstream_error")
                 headers.append((b"content-length", str(len(data)).encode()))
@@ -168,7 +183,8 @@ class RelayMiddleware:
             error = "client_disconnected"
         finally:
             await response.aclose()
-            exchange.finish(status, usage, error)
+            exchange.finish(status, usage, error, output)
+            await self.relay.asettle(exchange)
 
     async def _stream(
         self,
@@ -177,9 +193,12 @@ class RelayMiddleware:
         headers: list[tuple[bytes, bytes]],
         receive: Receive,
         send: Send,
-    ) -> tuple[Usage | None, str | None]:
-        """Pump SSE chunk by chunk; a disconnect watcher closes the upstream stream at once."""
-        observer = StreamObserver(call.endpoint, call.drop_usage_chunk)
+    ) -> tuple[Usage | None, str | None, int]:
+        """Pump SSE chunk by chunk; a disconnect watcher closes the upstream stream at once.
+
+        Returns the usage, the error (None for a whole stream) and the output tokens seen."""
+        limit = call.exchange.admission.output_token_limit if call.exchange.admission else None
+        observer = StreamObserver(call.endpoint, call.drop_usage_chunk, output_limit=limit)
         disconnected = asyncio.Event()
 
         async def watch() -> None:
@@ -199,17 +218,24 @@ class RelayMiddleware:
                     out = observer.feed(chunk)
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
+                    if observer.limit_reached:
+                        # The cap paid for this much output: end the stream cleanly here.
+                        tail = observer.cut(
+                            call.choice.version.upstream_model(call.choice.upstream)
+                        )
+                        await send({"type": "http.response.body", "body": tail})
+                        self.relay.stream_cut(call.choice, exchange)
+                        return observer.usage, None, observer.output_tokens
             except UpstreamError:
                 if disconnected.is_set():
-                    return observer.usage, "client_disconnected"
+                    return observer.usage, "client_disconnected", observer.output_tokens
                 await send({"type": "http.response.body", "body": observer.finish()})
                 raise
             if disconnected.is_set():
-                return observer.usage, "client_disconnected"
+                return observer.usage, "client_disconnected", observer.output_tokens
             await send({"type": "http.response.body", "body": observer.finish()})
-            if not observer.done:
-                return observer.usage, "upstream_truncated"
-            return observer.usage, None
+            error = None if observer.done else "upstream_truncated"
+            return observer.usage, error, observer.output_tokens
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -167,6 +167,7 @@ class Budgeting:
     """Where budget spend is kept: ``memory://`` (one process) or a ``redis://`` URI."""
 
     storage_uri: str = attrs.field(default="memory://", repr=False)
+    fail_open: bool = True
 
 
 @attrs.frozen

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
-from relaymw.snapshot import VersionChoice
+from relaymw.snapshot import RequestView, VersionChoice
 
 __all__ = ["current_version"]
 
 _current: ContextVar[VersionChoice | None] = ContextVar("relaymw_version", default=None)
+# The in-app request being handled: its identity is what the handler's LLM calls spend.
+_current_request: ContextVar[RequestView | None] = ContextVar("relaymw_request", default=None)
 
 
 def current_version() -> VersionChoice | None:

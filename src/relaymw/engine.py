@@ -19,8 +19,15 @@ import httpx
 import orjson
 
 from relaymw import protocols, signals
-from relaymw.config import RelayConfig, build_config, parse_document, unstructure_config
-from relaymw.cost import cost_of, price_for
+from relaymw.config import (
+    Price,
+    RelayConfig,
+    Route,
+    build_config,
+    parse_document,
+    unstructure_config,
+)
+from relaymw.cost import cost_of_usage, effective_cap, price_for
 from relaymw.errors import (
     ConfigError,
     RequestRejected,
@@ -29,6 +36,7 @@ from relaymw.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from relaymw.guard import Admission, Guard
 from relaymw.protocols import Endpoint, Usage
 from relaymw.snapshot import (
     CompiledRoute,
@@ -42,6 +50,7 @@ from relaymw.stores import RawDocument, Store, open_store
 from relaymw.upstream import UpstreamPool
 
 __all__ = [
+    "PAGE_ERRORS",
     "Exchange",
     "GatewayCall",
     "Relay",
@@ -52,6 +61,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("relaymw")
+
+# An app's own endpoints (in-app mode) answer relaymw's refusals in OpenAI's error shape.
+PAGE_ERRORS = Endpoint("openai", "chat", "/chat/completions")
 _perf = time.perf_counter
 
 
@@ -59,7 +71,10 @@ class Exchange:
     """One intercepted request. :meth:`finish` records it exactly once, however it ends."""
 
     __slots__ = (
+        "admission",
+        "body",
         "choice",
+        "cost",
         "done",
         "endpoint",
         "first_chunk_at",
@@ -69,6 +84,7 @@ class Exchange:
         "sent_at",
         "started",
         "stream",
+        "usage",
     )
 
     def __init__(self, relay: Relay, mode: str, endpoint: Endpoint | None) -> None:
@@ -82,16 +98,36 @@ class Exchange:
         self.headers_at: float | None = None  # upstream response headers arrived
         self.first_chunk_at: float | None = None  # first streamed body chunk: time to first token
         self.done = False
+        self.admission: Admission | None = None
+        self.body: dict[str, Any] | None = None  # as sent upstream, for a usage estimate
+        self.usage: Usage | None = None
+        self.cost = Decimal(0)
 
     def mark_first_chunk(self) -> None:
         if self.first_chunk_at is None:
             self.first_chunk_at = _perf()
 
-    def finish(self, status: int, usage: Usage | None = None, error: str | None = None) -> None:
+    def finish(
+        self,
+        status: int,
+        usage: Usage | None = None,
+        error: str | None = None,
+        output_tokens: int = 0,
+    ) -> None:
+        """Record the request once. ``output_tokens`` is what was seen of the output, used to
+        estimate usage when a successful upstream reported none."""
         if self.done:
             return
         self.done = True
+        if usage is None and self.choice is not None and 200 <= status < 300:
+            usage = self.relay._estimate_usage(self, output_tokens)
+        self.usage = usage
         self.relay._record(self, status, usage, error)
+
+    @property
+    def billed(self) -> bool:
+        """Whether the upstream produced something that costs money."""
+        return self.usage is not None
 
 
 class GatewayCall:
@@ -141,6 +177,8 @@ class GatewayCall:
         overhead = (ex.sent_at - ex.started) + (now - (ex.headers_at or now))
         out = protocols.response_headers(upstream_headers)
         out.append((b"x-relaymw-version", self.choice.version_tag.encode()))
+        if ex.admission is not None:
+            out += [(k.lower().encode(), v.encode()) for k, v in ex.admission.headers]
         out.append((b"x-relaymw-overhead-ms", f"{overhead * 1000:.3f}".encode()))
         if self.set_cookie:
             out.append((b"set-cookie", self.set_cookie.encode("latin-1")))
@@ -189,6 +227,7 @@ class Relay:
                 document = parse_document(f.read(), "toml")
             snapshot = Snapshot.compile(build_config(document), document, "", "embedded default")
         self._snapshot = snapshot
+        self.guard = Guard(snapshot.config, self, identity=identity)
         signals.send(
             signals.config_loaded,
             self,
@@ -198,8 +237,7 @@ class Relay:
         )
         if store is not None and watch:
             store.watch(self._on_document, self._on_store_error)
-            # Threads do not survive fork (gunicorn --preload): each child watches anew.
-            os.register_at_fork(after_in_child=_rewatch_after_fork(weakref.ref(self)))
+            _watching.add(self)  # threads do not survive fork: see _rewatch_after_fork
 
     @classmethod
     def from_store(cls, source: str | os.PathLike[str] | Store, **kwargs: Any) -> Relay:
@@ -218,7 +256,8 @@ class Relay:
 
     def apply_document(self, raw: RawDocument) -> bool:
         """Validate a new document and swap it in; an invalid one leaves the current config."""
-        if raw.revision and raw.revision == self._snapshot.revision:
+        current = self._snapshot
+        if raw.revision and raw.revision == current.revision and raw.source == current.source:
             return True
         try:
             document = parse_document(raw.data, raw.format)
@@ -239,6 +278,10 @@ class Relay:
             self._snapshot = Snapshot.compile(
                 config, document, raw.revision, raw.source, current.ejected
             )
+            guard = Guard(config, self, identity=self.identity, previous=self.guard)
+            self.guard = guard
+        for retired in guard.retired:
+            retired.close()
         log.info("relaymw: loaded configuration revision %s from %s", raw.revision, raw.source)
         signals.send(
             signals.config_loaded, self, config=config, revision=raw.revision, source=raw.source
@@ -301,7 +344,9 @@ class Relay:
             route, request, pinned_tag=pinned, sticky_key=self.sticky_key
         )
         self._selected(choice, "gateway")
-        return self.build_call(endpoint, body, choice, request.headers, exchange, set_cookie)
+        return self.build_call(
+            endpoint, body, choice, request.headers, exchange, set_cookie, route.route
+        )
 
     def build_call(
         self,
@@ -311,11 +356,18 @@ class Relay:
         client_headers: HeaderSource,
         exchange: Exchange,
         set_cookie: str | None = None,
+        route: Route | None = None,
+        in_app: bool = False,
     ) -> GatewayCall:
-        """Rewrite a claimed request for the chosen version (``body`` is modified in place)."""
+        """Rewrite a claimed request for the chosen version (``body`` is modified in place)
+        and apply its cost cap. Raises ``RequestRejected``."""
         exchange.choice = choice
         protocols.check_family(endpoint, choice.upstream, choice.version_tag)
         body = protocols.rewrite_request(body, endpoint, choice.version, choice.upstream)
+        exchange.body = body
+        if route is None:
+            route = self._snapshot.routes[choice.route].route
+        exchange.admission = self.guard.prepare(body, endpoint, choice, route, in_app)
         stream = protocols.is_stream(body)
         exchange.stream = stream
         drop = protocols.request_stream_usage(body, endpoint) if stream else False
@@ -337,6 +389,45 @@ class Relay:
         choice, cookie = snapshot.choose(route, request, sticky_key=self.sticky_key)
         self._selected(choice, "in_app")
         return choice, cookie
+
+    def _price(self, choice: VersionChoice) -> Price | None:
+        return price_for(choice.version.upstream_model(choice.upstream), self.config.pricing)
+
+    def _estimate_usage(self, exchange: Exchange, output_tokens: int) -> Usage:
+        """Usage for an upstream that reported none; the record says it is estimated."""
+        adm, body, endpoint = exchange.admission, exchange.body, exchange.endpoint
+        if adm is not None:
+            prompt = adm.prompt_tokens
+        elif body is not None and endpoint is not None:
+            prompt = self.guard.estimator.prompt_tokens(body, endpoint)
+        else:
+            prompt = 0
+        return Usage(prompt_tokens=prompt, completion_tokens=output_tokens, estimated=True)
+
+    def settle(self, exchange: Exchange) -> None:
+        """Count actual tokens against token limits and reconcile the budget, once."""
+        adm = exchange.admission
+        if adm is not None:
+            tokens = exchange.usage.total_tokens if exchange.usage else 0
+            self.guard.settle(adm, tokens, exchange.cost, exchange.billed)
+
+    async def asettle(self, exchange: Exchange) -> None:
+        adm = exchange.admission
+        if adm is not None:
+            tokens = exchange.usage.total_tokens if exchange.usage else 0
+            await self.guard.asettle(adm, tokens, exchange.cost, exchange.billed)
+
+    def stream_cut(self, choice: VersionChoice, exchange: Exchange) -> None:
+        adm = exchange.admission
+        signals.send(
+            signals.cost_limit_exceeded,
+            self,
+            route=choice.route,
+            version=choice.version_tag,
+            limit_usd=effective_cap(adm.route if adm else None, choice.version),
+            worst_case_usd=adm.worst_case if adm else None,
+            action="cut_stream",
+        )
 
     def upstream_failed(self, choice: VersionChoice, status: int | None, error: str) -> None:
         signals.send(
@@ -372,8 +463,10 @@ class Relay:
         cached = usage.cached_tokens if usage else 0
         cost = Decimal(0)
         if choice is not None and usage is not None:
-            price = price_for(choice.version.upstream_model(choice.upstream), self.config.pricing)
-            cost = cost_of(price, prompt, completion, cached)
+            adm = exchange.admission
+            price = adm.price if adm is not None else self._price(choice)
+            cost = cost_of_usage(price, usage)
+        exchange.cost = cost
         if error is None and status >= 500:
             error = "upstream_error"
         signals.send(
@@ -419,20 +512,26 @@ class Relay:
     async def aclose(self) -> None:
         """Close the upstream clients of the running event loop (lifespan shutdown)."""
         await self.pool.aclose()
+        await self.guard.aclose()
 
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
         self.pool.close()
+        self.guard.close()
 
 
-def _rewatch_after_fork(ref: weakref.ref[Relay]) -> Callable[[], None]:
-    def rewatch() -> None:
-        relay = ref()
-        if relay is not None and relay.store is not None:
+_watching: weakref.WeakSet[Relay] = weakref.WeakSet()
+
+
+def _rewatch_after_fork() -> None:
+    """Threads do not survive fork (gunicorn --preload): each child watches its stores anew."""
+    for relay in list(_watching):
+        if relay.store is not None:
             relay.store.watch(relay._on_document, relay._on_store_error)
 
-    return rewatch
+
+os.register_at_fork(after_in_child=_rewatch_after_fork)
 
 
 def _httpx_module(flavor: str) -> Any:

@@ -6,6 +6,7 @@ relaymw never translates between protocols; it only rewrites a request within it
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from relaymw.config import Upstream, Version
 from relaymw.errors import RequestRejected
 
 __all__ = [
+    "BYTES_PER_TOKEN",
     "Endpoint",
     "Family",
     "Kind",
@@ -31,6 +33,7 @@ __all__ = [
     "requested_model",
     "response_headers",
     "rewrite_request",
+    "stream_cut_tail",
     "upstream_headers",
     "upstream_url",
     "usage_from_body",
@@ -392,6 +395,17 @@ def request_stream_usage(body: dict[str, Any], endpoint: Endpoint) -> bool:
 
 # --- streams --------------------------------------------------------------------------------
 
+BYTES_PER_TOKEN = 3
+"""Bytes of UTF-8 text per token in relaymw's conservative estimates."""
+
+# Keys whose string values are generated text, per endpoint kind (quoted: a key can never
+# match inside a JSON string, where every quote is escaped).
+_OUTPUT_KEYS: dict[str, tuple[bytes, ...]] = {
+    "chat": (b'"content"', b'"arguments"', b'"refusal"', b'"reasoning_content"', b'"reasoning"'),
+    "completions": (b'"text"',),
+    "responses": (b'"delta"',),
+    "messages": (b'"text"', b'"partial_json"', b'"thinking"'),
+}
 _MAX_EVENT = 16 << 20  # a runaway "event" larger than this is passed through unscanned
 _TRIGGERS: dict[str, tuple[bytes, ...]] = {
     "responses": (b"response.completed", b"response.incomplete", b"response.failed"),
@@ -469,17 +483,47 @@ def _event_data(event: bytes) -> bytes | None:
 
 class StreamObserver:
     """Watches an SSE response chunk by chunk: extracts usage and, when asked, drops the
-    usage-only chunk relaymw requested for an OpenAI stream whose client did not."""
+    usage-only chunk relaymw requested for an OpenAI stream whose client did not.
+
+    It also keeps a running, conservative count of the output so far (:attr:`output_tokens`)
+    and can end the stream cleanly (:meth:`cut`). With ``whole_events`` (implied by
+    ``drop_usage_chunk``) :meth:`feed` forwards only complete events and holds back a partial
+    one, so that a cut never leaves the client half an event.
+    """
 
     usage: Usage | None
     done: bool
+    cut_short: bool
 
-    def __init__(self, endpoint: Endpoint, drop_usage_chunk: bool = False) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        drop_usage_chunk: bool = False,
+        *,
+        whole_events: bool = False,
+        bytes_per_token: int = BYTES_PER_TOKEN,
+        output_limit: int | None = None,
+    ) -> None:
+        self._endpoint = endpoint
         self._kind = endpoint.kind
         self._drop = drop_usage_chunk and endpoint.kind in ("chat", "completions")
+        # With an output limit, feed() stops after the event that passes it (limit_reached):
+        # one socket read may carry the whole rest of the stream.
+        self._limit = output_limit
+        self.limit_reached = False
+        self._whole = self._drop or whole_events or output_limit is not None
+        self._out_keys = _OUTPUT_KEYS.get(endpoint.kind, ())
+        self._bytes_per_token = bytes_per_token
+        self._out_events = 0  # string values of generated text seen (non-empty)
+        self._out_bytes = 0  # their raw (JSON-escaped) length
+        self._ident: dict[str, str] = {}  # the stream's "id" and "model", from its first events
+        self._ident_tries = 0
+        self._blocks = [0, 0]  # anthropic content_block_start / content_block_stop events
+        self._sequence = -1  # the last responses sequence_number
+        self.cut_short = False
         self._openai = endpoint.kind not in _TRIGGERS
         self._triggers = _TRIGGERS.get(endpoint.kind, (b"[DONE]",))
-        self._held = bytearray()  # the trailing partial event (forwarded unless dropping)
+        self._held = bytearray()  # the trailing partial event (held back in whole-events mode)
         self._skip = False  # inside a runaway event: pass bytes through until it ends
         self._anthropic: dict[str, int] = {}
         self.usage = None
@@ -487,6 +531,8 @@ class StreamObserver:
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to forward now: ``chunk`` itself unless dropping the usage chunk."""
+        if self.limit_reached:
+            return b""
         held, start = self._held, 0
         if held:
             # Only the new bytes (and the 3 before them) can complete the held event: a big
@@ -495,11 +541,11 @@ class StreamObserver:
             held += chunk
             if _last_boundary(held, seen) == seen:
                 if len(held) <= _MAX_EVENT:
-                    return b"" if self._drop else chunk
+                    return b"" if self._whole else chunk
                 self._skip = True  # a runaway event: forward it unscanned
                 data = bytes(held)
                 held.clear()
-                return data if self._drop else chunk
+                return data if self._whole else chunk
             data = bytes(held)
             held.clear()
         elif self._skip:
@@ -510,13 +556,21 @@ class StreamObserver:
         else:
             data = chunk
         end = _last_boundary(data, start)
-        drops = self._scan(data, start, end) if end > start else None
-        if end < len(data):
+        drops = None
+        if end > start:
+            if self._limit is None:
+                self._count(data, start, end)
+            else:
+                end = self._count_to_limit(data, start, end, self._limit)
+            drops = self._scan(data, start, end)
+        if self.limit_reached:
+            held.clear()
+        elif end < len(data):
             if len(data) - end > _MAX_EVENT:
                 self._skip, end = True, len(data)
             else:
                 held += memoryview(data)[end:]
-        if not self._drop:
+        if not self._whole:
             return chunk
         if not drops:
             return data if end == len(data) else data[:end]
@@ -531,10 +585,12 @@ class StreamObserver:
         """Whatever is still held, forwarded as is (a last event without its blank line)."""
         held = bytes(self._held)
         self._held.clear()
-        if held and not self._skip and self._interesting(held, 0, len(held)):
-            self._handle(held)
+        if held and not self._skip:
+            self._count(held, 0, len(held))
+            if self._interesting(held, 0, len(held)):
+                self._handle(held)
         self._skip = False
-        return held if self._drop else b""
+        return held if self._whole else b""
 
     def _interesting(self, data: bytes, start: int, end: int) -> bool:
         for t in self._triggers:
@@ -597,3 +653,223 @@ class StreamObserver:
             if isinstance(v, int) and not isinstance(v, bool):
                 self._anthropic[key] = v
         self.usage = _usage("messages", self._anthropic)
+
+    # --- the running output count and the cut ------------------------------------------------
+
+    @property
+    def output_tokens(self) -> int:
+        """Output tokens so far, conservatively: the larger of the upstream's own count (when
+        it has reported one) and ``max(text values, ceil(text bytes / bytes_per_token))`` over
+        the generated-text strings of the complete events seen (``delta.content``, tool-call
+        arguments, reasoning, ``text``, ``partial_json``, ``thinking``, responses ``delta``),
+        measured in their JSON-escaped form. Each text value counts at least one token (an
+        OpenAI delta is one token), and 3 bytes per token over-counts English (about 4 per
+        token) and code, and matches CJK (3 bytes per character). Nothing is JSON-parsed: one
+        ``bytes.find`` per key and complete region. An event larger than 16 MiB is not
+        counted."""
+        size = self._out_bytes
+        estimate = max(self._out_events, -(-size // self._bytes_per_token))
+        reported = self.usage.completion_tokens if self.usage is not None else 0
+        return max(estimate, reported)
+
+    def _count_to_limit(self, data: bytes, start: int, end: int, limit: int) -> int:
+        """Count event by event; the end of the event that passes ``limit``, else ``end``."""
+        for s, _, e in _events(data, start, end):
+            self._count(data, s, e)
+            if self.output_tokens > limit:
+                self.limit_reached = True
+                return e
+        return end
+
+    def _count(self, data: bytes, start: int, end: int) -> None:
+        """Count the generated text in the complete events ``data[start:end]``."""
+        find = data.find
+        for key in self._out_keys:
+            i = find(key, start, end)
+            while i >= 0:
+                j = i + len(key)
+                if data[j : j + 2] == b':"':  # the common, compact spelling
+                    j += 2
+                else:
+                    j = _value_start(data, j, end)
+                    if j < 0:
+                        i = find(key, i + len(key), end)
+                        continue
+                close = find(b'"', j, end)
+                if close > j and data[close - 1] == 0x5C:  # an escaped quote: scan on
+                    close = _string_end(data, j, end)
+                if close < 0:
+                    break
+                if close > j:
+                    self._out_events += 1
+                    self._out_bytes += close - j
+                i = find(key, close + 1, end)
+        if self._kind == "messages":
+            self._blocks[0] += data.count(b'"content_block_start"', start, end)
+            self._blocks[1] += data.count(b'"content_block_stop"', start, end)
+        elif self._kind == "responses":
+            i = data.rfind(b'"sequence_number"', start, end)
+            j = _value_start(data, i + 17, end, b"0123456789") if i >= 0 else -1
+            if j >= 0:
+                k = j
+                while k < end and 0x30 <= data[k] <= 0x39:
+                    k += 1
+                self._sequence = int(data[j - 1 : k])
+        if self._ident_tries < 8 and len(self._ident) < 2:
+            self._ident_tries += 1
+            for name in ("id", "model"):
+                if name not in self._ident:
+                    self._ident[name] = _string_value(data, b'"' + name.encode() + b'"', start, end)
+                    if not self._ident[name]:
+                        del self._ident[name]
+
+    def cut(self, model: str = "") -> bytes:
+        """End the stream now: the bytes that close it cleanly in its protocol (see
+        :func:`stream_cut_tail`), b"" if it has already ended. Send them after the output of
+        the last :meth:`feed`, then close the upstream response; :meth:`finish` returns b""
+        afterwards. The stream's own id and model are reused (``model`` when none was seen).
+
+        Use ``whole_events=True`` for a stream that may be cut: otherwise the client may hold
+        the start of an event, which the tail can only terminate, not complete.
+        """
+        if self.done:
+            return b""
+        self.done = self.cut_short = True
+        partial = bool(self._held) and not self._whole
+        self._held.clear()
+        self._skip = False
+        blocks = self._blocks
+        tail = stream_cut_tail(
+            self._endpoint,
+            self._ident.get("model") or model,
+            self.output_tokens,
+            response_id=self._ident.get("id"),
+            open_block=blocks[0] - 1 if blocks[0] > blocks[1] else None,
+            sequence_number=self._sequence + 1,
+        )
+        return b"\n\n" + tail if partial else tail
+
+
+_JSON_SPACE = b" \t\r\n"
+
+
+def _value_start(data: bytes, i: int, end: int, first: bytes = b'"') -> int:
+    """After a key ending at ``i``: the offset just past the value's first byte when that is
+    one of ``first`` (a quote: a string), else -1."""
+    while i < end and data[i] in _JSON_SPACE:
+        i += 1
+    if i >= end or data[i] != 0x3A:  # ":"
+        return -1
+    i += 1
+    while i < end and data[i] in _JSON_SPACE:
+        i += 1
+    return i + 1 if i < end and data[i] in first else -1
+
+
+def _string_end(data: bytes, i: int, end: int) -> int:
+    """The offset of the quote closing the JSON string whose text starts at ``i``; -1 if none."""
+    j = data.find(b'"', i, end)
+    while j > i and data[j - 1] == 0x5C:  # a backslash: escaped unless itself escaped
+        k = j - 1
+        while k > i and data[k - 1] == 0x5C:
+            k -= 1
+        if (j - k) % 2 == 0:
+            break
+        j = data.find(b'"', j + 1, end)
+    return j
+
+
+def _string_value(data: bytes, key: bytes, start: int, end: int) -> str:
+    """The first string value of ``key`` in ``data[start:end]``, "" when there is none."""
+    i = data.find(key, start, end)
+    while i >= 0:
+        j = _value_start(data, i + len(key), end)
+        if j >= 0:
+            close = _string_end(data, j, end)
+            if close >= 0:
+                raw = data[j:close]
+                if b"\\" not in raw:  # ids and model names: no escapes, no JSON parse
+                    return raw.decode("utf-8", "replace")
+                try:
+                    value = orjson.loads(data[j - 1 : close + 1])
+                except orjson.JSONDecodeError:
+                    return ""
+                return value if isinstance(value, str) else ""
+        i = data.find(key, i + len(key), end)
+    return ""
+
+
+def _sse_data(event: dict[str, Any], name: str | None = None) -> bytes:
+    head = b"event: " + name.encode() + b"\n" if name else b""
+    return head + b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+def stream_cut_tail(
+    endpoint: Endpoint,
+    model: str,
+    output_tokens: int,
+    *,
+    response_id: str | None = None,
+    open_block: int | None = None,
+    sequence_number: int | None = None,
+) -> bytes:
+    """The events that end a stream cut short for cost, as the protocol ends one that reached
+    its output limit, so the official SDKs finish normally:
+
+    - chat: a chunk with an empty delta and ``finish_reason: "length"``, then ``[DONE]``;
+    - completions: a choice with ``text: ""`` and ``finish_reason: "length"``, then ``[DONE]``;
+    - messages: ``content_block_stop`` for ``open_block`` (when one is open), ``message_delta``
+      with ``stop_reason: "max_tokens"`` and ``usage.output_tokens``, then ``message_stop``;
+    - responses: ``response.incomplete`` with ``incomplete_details.reason:
+      "max_output_tokens"`` (no ``output``: the SDK keeps what it accumulated).
+
+    ``response_id`` should be the stream's own id (the OpenAI SDK checks it for responses).
+    """
+    created = int(time.time())
+    kind = endpoint.kind
+    if kind in ("chat", "completions"):
+        if kind == "chat":
+            obj = "chat.completion.chunk"
+            choice: dict[str, Any] = {"index": 0, "delta": {}, "logprobs": None}
+        else:
+            obj = "text_completion"
+            choice = {"index": 0, "text": "", "logprobs": None}
+        choice["finish_reason"] = "length"
+        chunk = {
+            "id": response_id or f"relaymw-cut-{created}",
+            "object": obj,
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
+        return _sse_data(chunk) + b"data: [DONE]\n\n"
+    if kind == "messages":
+        out = b""
+        if open_block is not None:
+            out += _sse_data(
+                {"type": "content_block_stop", "index": open_block}, "content_block_stop"
+            )
+        delta = {
+            "type": "message_delta",
+            "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+            "usage": {"output_tokens": output_tokens},
+        }
+        out += _sse_data(delta, "message_delta")
+        return out + _sse_data({"type": "message_stop"}, "message_stop")
+    if kind == "responses":
+        event = {
+            "type": "response.incomplete",
+            "sequence_number": sequence_number or 0,
+            "response": {
+                "id": response_id or f"resp_relaymw_cut_{created}",
+                "object": "response",
+                "created_at": created,
+                "status": "incomplete",
+                "model": model,
+                "error": None,
+                "incomplete_details": {"reason": "max_output_tokens"},
+                "usage": None,
+            },
+        }
+        return _sse_data(event, "response.incomplete")
+    return b""

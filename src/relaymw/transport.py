@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from relaymw import protocols
-from relaymw.context import current_version
+from relaymw.context import _current_request, current_version
 from relaymw.engine import Exchange, GatewayCall, is_event_stream, usage_of_body
 from relaymw.errors import RequestRejected
 from relaymw.protocols import Endpoint, StreamObserver
@@ -44,8 +44,23 @@ def _endpoint_for(path: str) -> Endpoint | None:
     return None
 
 
+class _Refused(Exception):
+    """relaymw answers this call itself (cost cap, rate limit or budget)."""
+
+    def __init__(self, exchange: Exchange, rejection: RequestRejected) -> None:
+        self.exchange = exchange
+        self.rejection = rejection
+
+    def content(self) -> tuple[int, list[tuple[str, str]], bytes]:
+        exc, endpoint = self.rejection, self.exchange.endpoint
+        body = protocols.rejection_body(endpoint.family if endpoint else "openai", exc)
+        return exc.status, [("content-type", "application/json"), *exc.headers], body
+
+
 def _claim(relay: Relay, request: Any) -> GatewayCall | None:
-    """The rewritten call when this request is for one of our aliases, else None."""
+    """The rewritten call when this request is for one of our aliases, else None.
+
+    Raises :class:`_Refused` when the cost cap refuses it."""
     endpoint = _endpoint_for(request.url.path)
     if endpoint is None or request.method != "POST":
         return None
@@ -69,7 +84,17 @@ def _claim(relay: Relay, request: Any) -> GatewayCall | None:
         choice = snapshot.choose(route, _NO_REQUEST, sticky_key=None)[0]
     exchange = Exchange(relay, "in_app", endpoint)
     headers = {k.lower(): v for k, v in request.headers.items()}
-    return relay.build_call(endpoint, body, choice, headers, exchange)
+    try:
+        return relay.build_call(
+            endpoint, body, choice, headers, exchange, route=route.route, in_app=True
+        )
+    except RequestRejected as exc:
+        exchange.finish(exc.status, error=exc.code)
+        raise _Refused(exchange, exc) from None
+
+
+def _page_request() -> RequestView:
+    return _current_request.get() or _NO_REQUEST
 
 
 class _Meter:
@@ -102,7 +127,8 @@ class _Meter:
                 error = "client_disconnected"
         elif self.complete and 200 <= self.status < 300:
             usage = usage_of_body(call.endpoint, b"".join(self.body))
-        call.exchange.finish(self.status, usage, error)
+        output = self.observer.output_tokens if self.observer is not None else 0
+        call.exchange.finish(self.status, usage, error, output)
 
 
 @functools.cache
@@ -134,9 +160,20 @@ def transports_for(hx: Any) -> tuple[type[Any], type[Any]]:
         relay.upstream_failed(call.choice, None, error)
         call.exchange.finish(504 if error == "upstream_timeout" else 502, error=error)
 
+    def _refusal(refused: _Refused) -> Any:
+        status, headers, body = refused.content()
+        return hx.Response(status, headers=headers, content=body)
+
+    def _admit(relay: Relay, call: GatewayCall, admit: Any) -> None:
+        try:
+            admit(call.exchange.admission, _page_request())
+        except RequestRejected as exc:
+            call.exchange.finish(exc.status, error=exc.code)
+            raise _Refused(call.exchange, exc) from None
+
     class _SyncMeteredStream(hx.SyncByteStream):  # type: ignore[misc]
-        def __init__(self, inner: Any, meter: _Meter) -> None:
-            self.inner, self.meter = inner, meter
+        def __init__(self, inner: Any, meter: _Meter, relay: Relay) -> None:
+            self.inner, self.meter, self.relay = inner, meter, relay
 
         def __iter__(self) -> Iterator[bytes]:
             for chunk in self.inner.iter_raw():
@@ -152,10 +189,11 @@ def transports_for(hx: Any) -> tuple[type[Any], type[Any]]:
                 self.inner.close()
             finally:
                 self.meter.close()
+                self.relay.settle(self.meter.call.exchange)
 
     class _AsyncMeteredStream(hx.AsyncByteStream):  # type: ignore[misc]
-        def __init__(self, inner: Any, meter: _Meter) -> None:
-            self.inner, self.meter = inner, meter
+        def __init__(self, inner: Any, meter: _Meter, relay: Relay) -> None:
+            self.inner, self.meter, self.relay = inner, meter, relay
 
         async def __aiter__(self) -> AsyncIterator[bytes]:
             async for chunk in self.inner.aiter_raw():
@@ -171,6 +209,7 @@ def transports_for(hx: Any) -> tuple[type[Any], type[Any]]:
                 await self.inner.aclose()
             finally:
                 self.meter.close()
+                await self.relay.asettle(self.meter.call.exchange)
 
     class RelayTransport(hx.BaseTransport):  # type: ignore[misc]
         """Sync transport: rewrites and meters requests for route aliases."""
@@ -180,22 +219,31 @@ def transports_for(hx: Any) -> tuple[type[Any], type[Any]]:
             self.inner = inner or hx.HTTPTransport()
 
         def handle_request(self, request: Any) -> Any:
+            relay = self.relay
             if request.method == "POST":
                 request.read()
-            call = _claim(self.relay, request)
+            try:
+                call = _claim(relay, request)
+                if call is not None and call.exchange.admission is not None:
+                    _admit(relay, call, relay.guard.admit)
+            except _Refused as refused:
+                relay.settle(refused.exchange)
+                return _refusal(refused)
             if call is None:
                 return self.inner.handle_request(request)
             call.exchange.sent_at = time.perf_counter()
             try:
                 upstream = self.inner.handle_request(_upstream_request(call, request))
             except hx.TransportError as exc:
-                _failed(self.relay, call, exc)
+                _failed(relay, call, exc)
+                relay.settle(call.exchange)
                 raise
             call.exchange.headers_at = time.perf_counter()
             streaming = call.stream and is_event_stream(list(upstream.headers.items()))
             upstream_response = hx.Response(upstream.status_code, stream=upstream.stream)
             meter = _Meter(call, upstream.status_code, streaming)
-            return _response(call, upstream, _SyncMeteredStream(upstream_response, meter))
+            stream = _SyncMeteredStream(upstream_response, meter, relay)
+            return _response(call, upstream, stream)
 
         def close(self) -> None:
             self.inner.close()
@@ -208,22 +256,37 @@ def transports_for(hx: Any) -> tuple[type[Any], type[Any]]:
             self.inner = inner or hx.AsyncHTTPTransport()
 
         async def handle_async_request(self, request: Any) -> Any:
+            relay = self.relay
             if request.method == "POST":
                 await request.aread()
-            call = _claim(self.relay, request)
+            try:
+                call = _claim(relay, request)
+                adm = call.exchange.admission if call is not None else None
+                if adm is not None:
+                    try:
+                        await relay.guard.aadmit(adm, _page_request())
+                    except RequestRejected as exc:
+                        assert call is not None
+                        call.exchange.finish(exc.status, error=exc.code)
+                        raise _Refused(call.exchange, exc) from None
+            except _Refused as refused:
+                await relay.asettle(refused.exchange)
+                return _refusal(refused)
             if call is None:
                 return await self.inner.handle_async_request(request)
             call.exchange.sent_at = time.perf_counter()
             try:
                 upstream = await self.inner.handle_async_request(_upstream_request(call, request))
             except hx.TransportError as exc:
-                _failed(self.relay, call, exc)
+                _failed(relay, call, exc)
+                await relay.asettle(call.exchange)
                 raise
             call.exchange.headers_at = time.perf_counter()
             streaming = call.stream and is_event_stream(list(upstream.headers.items()))
             upstream_response = hx.Response(upstream.status_code, stream=upstream.stream)
             meter = _Meter(call, upstream.status_code, streaming)
-            return _response(call, upstream, _AsyncMeteredStream(upstream_response, meter))
+            stream = _AsyncMeteredStream(upstream_response, meter, relay)
+            return _response(call, upstream, stream)
 
         async def aclose(self) -> None:
             await self.inner.aclose()

@@ -16,8 +16,9 @@ from http import HTTPStatus
 from typing import Any
 
 from relaymw import protocols
-from relaymw.context import _current
+from relaymw.context import _current, _current_request
 from relaymw.engine import (
+    PAGE_ERRORS,
     Exchange,
     GatewayCall,
     Relay,
@@ -30,9 +31,11 @@ from relaymw.errors import RequestRejected, UpstreamError
 from relaymw.protocols import Endpoint, StreamObserver, Usage
 from relaymw.snapshot import CompiledRoute, RequestView, Snapshot
 from relaymw.stores import Store
+from relaymw.tokens import estimate_completion_tokens
 from relaymw.upstream import SyncUpstreamResponse
 
 __all__ = ["RelayWSGIMiddleware"]
+
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -71,22 +74,32 @@ class RelayWSGIMiddleware:
         snapshot: Snapshot,
         route: CompiledRoute,
     ) -> Iterable[bytes]:
-        choice, cookie = self.relay.choose_in_app(snapshot, route, _request_view(environ, snapshot))
+        request = _request_view(environ, snapshot)
+        choice, cookie = self.relay.choose_in_app(snapshot, route, request)
+        try:
+            limits = self.relay.guard.check_page(route.route, choice.version, request)
+        except RequestRejected as exc:
+            return _rejection(start_response, PAGE_ERRORS, exc, cookie)
         environ["relaymw.version"] = choice
-        extra = [("x-relaymw-version", choice.version_tag)]
+        extra = [("x-relaymw-version", choice.version_tag), *limits]
         if cookie:
             extra.append(("Set-Cookie", cookie))
 
         def start_with_version(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
             return start_response(status, [*headers, *extra], *exc)
 
-        token = _current.set(choice)
+        token, request_token = _current.set(choice), _current_request.set(request)
+
+        def reset() -> None:
+            _current.reset(token)
+            _current_request.reset(request_token)
+
         try:
             result = self.app(environ, start_with_version)
         except BaseException:
-            _current.reset(token)
+            reset()
             raise
-        return _Closing(result, lambda: _current.reset(token))
+        return _Closing(result, reset)
 
     # --- gateway mode -----------------------------------------------------------------------
 
@@ -101,11 +114,13 @@ class RelayWSGIMiddleware:
         exchange = Exchange(relay, "gateway", endpoint)
         try:
             body = _read_body(environ, snapshot.config.gateway.max_body_bytes)
-            call = relay.prepare_gateway(
-                snapshot, endpoint, body, _request_view(environ, snapshot), exchange
-            )
+            request = _request_view(environ, snapshot)
+            call = relay.prepare_gateway(snapshot, endpoint, body, request, exchange)
+            if call is not None and exchange.admission is not None:
+                relay.guard.admit(exchange.admission, request)
         except RequestRejected as exc:
             exchange.finish(exc.status, error=exc.code)
+            relay.settle(exchange)
             return _rejection(start_response, endpoint, exc)
         if call is None:
             exchange.done = True
@@ -124,6 +139,7 @@ class RelayWSGIMiddleware:
             rejected = upstream_rejection(exc)
             self.relay.upstream_failed(call.choice, None, rejected.code)
             exchange.finish(rejected.status, error=rejected.code)
+            self.relay.settle(exchange)
             return _rejection(start_response, call.endpoint, rejected, call.set_cookie)
         exchange.headers_at = time.perf_counter()
         status = response.status
@@ -132,45 +148,60 @@ class RelayWSGIMiddleware:
         ]
         if call.stream and status == 200 and is_event_stream(response.headers):
             start_response(_status_line(status), headers)
-            return _Stream(call, response)
+            return _Stream(self.relay, call, response)
         usage: Usage | None = None
         try:
             data = response.read()
         except UpstreamError as exc:
             rejected = upstream_rejection(exc)
             exchange.finish(rejected.status, error=rejected.code)
+            self.relay.settle(exchange)
             return _rejection(start_response, call.endpoint, rejected, call.set_cookie)
         finally:
             response.close()
+        output = 0
         if 200 <= status < 300:
             usage = usage_of_body(call.endpoint, data)
+            output = estimate_completion_tokens(data) if usage is None else 0
         else:
             self.relay.upstream_failed(call.choice, status, "upstream_error")
         headers.append(("Content-Length", str(len(data))))
         start_response(_status_line(status), headers)
-        exchange.finish(status, usage)
+        exchange.finish(status, usage, None, output)
+        self.relay.settle(exchange)
         return [data]
 
 
 class _Stream:
     """The SSE body as a WSGI iterable; ``close()`` ends the upstream stream and records once."""
 
-    def __init__(self, call: GatewayCall, response: SyncUpstreamResponse) -> None:
+    def __init__(self, relay: Relay, call: GatewayCall, response: SyncUpstreamResponse) -> None:
+        self.relay = relay
         self.call = call
         self.response = response
-        self.observer = StreamObserver(call.endpoint, call.drop_usage_chunk)
+        adm = call.exchange.admission
+        self.limit = adm.output_token_limit if adm is not None else None
+        self.observer = StreamObserver(
+            call.endpoint, call.drop_usage_chunk, output_limit=self.limit
+        )
         self.error: str | None = "client_disconnected"  # unless iteration reaches the end
         self.status = 200
 
     def __iter__(self) -> Iterator[bytes]:
-        observer = self.observer
+        observer, call = self.observer, self.call
         try:
-            exchange = self.call.exchange
+            exchange = call.exchange
             for chunk in self.response.iter_chunks():
                 exchange.mark_first_chunk()
                 out = observer.feed(chunk)
                 if out:
                     yield out
+                if observer.limit_reached:
+                    # The cap paid for this much output: end the stream cleanly here.
+                    self.error = None
+                    self.relay.stream_cut(call.choice, exchange)
+                    yield observer.cut(call.choice.version.upstream_model(call.choice.upstream))
+                    return
         except UpstreamError as exc:
             rejected = upstream_rejection(exc)
             self.error, self.status = rejected.code, rejected.status
@@ -187,7 +218,9 @@ class _Stream:
         try:
             self.response.close()
         finally:
-            self.call.exchange.finish(self.status, self.observer.usage, self.error)
+            observer, exchange = self.observer, self.call.exchange
+            exchange.finish(self.status, observer.usage, self.error, observer.output_tokens)
+            self.relay.settle(exchange)
 
 
 class _Closing:

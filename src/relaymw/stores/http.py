@@ -99,6 +99,7 @@ class HttpStore:
         self._thread: threading.Thread | None = None
 
     def _new_client(self) -> httpx.Client:
+        self._pid = os.getpid()  # httpx pools are not fork-safe: a child makes its own
         return httpx.Client(headers=self._headers, timeout=self.timeout, follow_redirects=True)
 
     def describe(self) -> str:
@@ -114,6 +115,8 @@ class HttpStore:
         """GET the document; None on ``304 Not Modified``. Raises :class:`StoreError`."""
         where = f"the {self.describe()}"
         headers = {"If-None-Match": etag} if etag else None
+        if self._pid != os.getpid():
+            self._client = self._new_client()
         try:
             response = self._client.get(self.url, headers=headers)
         except httpx.TimeoutException:
@@ -146,7 +149,13 @@ class HttpStore:
         return raw
 
     def watch(self, on_change: OnChange, on_error: OnError) -> None:
-        if self._thread is not None:
+        """Start polling; a no-op while it runs. In a forked child (``gunicorn --preload``;
+        the relay and this module's fork hook both call it) a fresh client and thread."""
+        if self._pid != os.getpid():
+            self._client = self._new_client()
+            self._stop = threading.Event()
+            self._thread = None
+        if self._thread is not None and self._thread.is_alive():
             return
         self._callbacks = (on_change, on_error)
         _watching.add(self)
@@ -158,14 +167,6 @@ class HttpStore:
         )
         self._thread.start()
 
-    def _after_fork(self) -> None:
-        """In a forked worker (``gunicorn --preload``): a fresh client and thread."""
-        self._client = self._new_client()  # the parent's pool may be mid-request
-        self._stop = threading.Event()
-        self._thread = None
-        if self._callbacks is not None:
-            self.watch(*self._callbacks)
-
     def _run(
         self, on_change: OnChange, on_error: OnError, last: tuple[str, str | None] | None
     ) -> None:
@@ -176,9 +177,9 @@ class HttpStore:
             try:
                 fetched = self._fetch(etag)
             except StoreError as exc:
-                if not failing and not stop.is_set():
+                if not failing and not stop.is_set():  # once per outage
                     failing = True
-                    on_error(exc)
+                    _call(on_error, exc)
                 continue
             except RuntimeError:  # the client was closed under us by close()
                 break
@@ -192,10 +193,7 @@ class HttpStore:
                 continue
             seen = raw.revision
             self._last = (raw.revision, etag)  # where a forked child starts from
-            try:
-                on_change(raw)
-            except Exception:
-                log.exception("relaymw: applying revision %s failed", raw.revision)
+            _call(on_change, raw)
 
     def save(self, document: dict[str, Any], expected_revision: str | None = None) -> str:
         raise StoreReadOnlyError(
@@ -212,12 +210,20 @@ class HttpStore:
         self._client.close()
 
 
+def _call(callback: Callable[[Any], None], argument: Any) -> None:
+    try:
+        callback(argument)
+    except Exception:
+        log.exception("relaymw: a store callback failed")
+
+
 _watching: weakref.WeakSet[HttpStore] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
     for store in list(_watching):
-        store._after_fork()
+        if store._callbacks is not None:
+            store.watch(*store._callbacks)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)  # POSIX, as fcntl in FileStore

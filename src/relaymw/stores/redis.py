@@ -50,6 +50,7 @@ OnError = Callable[[Exception], None]
 
 # KEYS[1] the hash; ARGV: document, check ("1"/"0"), expected revision, channel.
 _SAVE_SCRIPT = """
+redis.replicate_commands() -- TIME before a write: Redis < 5 needs it, later ones ignore it
 local cur = redis.call('HGET', KEYS[1], 'revision')
 if ARGV[2] == '1' and (cur or '') ~= ARGV[3] then
   return {0, cur or ''}
@@ -119,6 +120,7 @@ class RedisStore:
         self._redis = redis.Redis(connection_pool=self._pool)
         self._subscriber = redis.ConnectionPool.from_url(self._target, **options)
         self._save_script = self._redis.register_script(_SAVE_SCRIPT)
+        self._pid = os.getpid()
 
     def describe(self) -> str:
         return self._description
@@ -172,7 +174,13 @@ class RedisStore:
             ) from None
 
     def watch(self, on_change: OnChange, on_error: OnError) -> None:
-        if self._thread is not None:
+        """Start the watcher; a no-op while it runs. In a forked child (``gunicorn --preload``;
+        the relay and this module's fork hook both call it) fresh connections and thread."""
+        if self._pid != os.getpid():
+            self._connect()
+            self._stop = threading.Event()
+            self._thread = None
+        if self._thread is not None and self._thread.is_alive():
             return
         self._callbacks = (on_change, on_error)
         _watching.add(self)
@@ -180,14 +188,6 @@ class RedisStore:
             target=self._run, args=self._callbacks, name="relaymw-redis-store", daemon=True
         )
         self._thread.start()
-
-    def _after_fork(self) -> None:
-        """In a forked worker (``gunicorn --preload``): fresh connections and thread."""
-        self._connect()
-        self._stop = threading.Event()
-        self._thread = None
-        if self._callbacks is not None:
-            self.watch(*self._callbacks)
 
     def _subscribe(self) -> PubSub:
         pubsub = PubSub(self._subscriber)
@@ -218,7 +218,7 @@ class RedisStore:
         failing = False
         delay = _BACKOFF_START
         next_poll = 0.0
-        stop = self._stop
+        stop, name = self._stop, self._description
         while not stop.is_set():
             error: Exception | None = None
             try:
@@ -241,9 +241,9 @@ class RedisStore:
                     if pubsub is not None:
                         pubsub.close()
                         pubsub = None
-                    error = StoreError(f"{self._description} is unreachable: {cause}")
+                    error = StoreError(f"{name} is unreachable: {cause}")
                 else:  # reachable, but no (readable) document
-                    error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+                    error = exc if isinstance(exc, StoreError) else StoreError(f"{name}: {exc}")
             if stop.is_set():
                 break
             if error is not None:
@@ -256,7 +256,7 @@ class RedisStore:
                 continue
             if failing:
                 failing = False
-                log.info("relaymw: %s is readable again", self._description)
+                log.info("relaymw: %s is readable again", name)
             delay = _BACKOFF_START
             if raw is not None and raw.revision != self._seen:
                 self._seen = raw.revision
@@ -287,7 +287,8 @@ _watching: weakref.WeakSet[RedisStore] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for store in list(_watching):
-        store._after_fork()
+        if store._callbacks is not None:
+            store.watch(*store._callbacks)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)  # POSIX, as fcntl in FileStore

@@ -1,0 +1,207 @@
+"""Token estimates made before a call is sent: no network, no model download.
+
+The per-request cost cap and budget reservations need the prompt's size before the upstream
+reports it. An estimate that is too low lets a call cost more than its cap, so the default,
+:class:`CharEstimator`, over-estimates on purpose: one token per ``BYTES_PER_TOKEN`` (3) bytes
+of UTF-8 text (English averages about 4 per token, code about 3, CJK about 3 per character),
+dictionary keys and tool schemas included, plus a per-message and a per-request overhead.
+:class:`TiktokenEstimator` counts with OpenAI's ``o200k_base`` encoding when ``tiktoken`` is
+installed *and* its encoding file is already cached (it is never downloaded implicitly), with
+a safety margin for other tokenizers. :func:`default_estimator` picks between them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from relaymw.protocols import BYTES_PER_TOKEN, Endpoint
+
+__all__ = [
+    "IMAGE_TOKENS",
+    "CharEstimator",
+    "TiktokenEstimator",
+    "TokenEstimator",
+    "default_estimator",
+    "estimate_completion_tokens",
+]
+
+log = logging.getLogger("relaymw.tokens")
+
+# An image costs a bounded number of tokens whatever its encoded size (OpenAI high detail and
+# Anthropic's ~1.15 megapixel images stay below this); its base64 is not counted as text.
+IMAGE_TOKENS = 2000
+_IMAGE_TYPES = frozenset({"image", "image_url", "input_image"})
+# The request fields that are billed as input.
+_PROMPT_FIELDS = (
+    "system",
+    "messages",
+    "prompt",
+    "suffix",
+    "input",
+    "instructions",
+    "tools",
+    "functions",
+    "tool_choice",
+    "response_format",
+    "text",
+)
+_LIST_FIELDS = ("messages", "input")  # each item pays the per-message overhead
+
+
+class TokenEstimator(Protocol):
+    """Estimates how many input tokens a request body will be billed for."""
+
+    def prompt_tokens(self, body: Mapping[str, Any], endpoint: Endpoint) -> int: ...
+
+
+def _collect(node: Any, parts: list[str]) -> int:
+    """Append every string in ``node`` (keys too) to ``parts``; return tokens counted directly
+    (numbers, booleans, nulls, images)."""
+    if isinstance(node, str):
+        parts.append(node)
+        return 0
+    if isinstance(node, dict):
+        if node.get("type") in _IMAGE_TYPES:
+            return IMAGE_TOKENS
+        direct = 0
+        for key, value in node.items():
+            parts.append(str(key))
+            direct += _collect(value, parts)
+        return direct
+    if isinstance(node, (list, tuple)):
+        return sum(_collect(item, parts) for item in node)
+    return 1  # a number (a token id in a token-array prompt), a boolean or null
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class _Walker:
+    """Shared by the estimators: the request's text, its direct tokens and its overheads."""
+
+    def __init__(self, message_overhead: int, request_overhead: int) -> None:
+        self.message_overhead = message_overhead
+        self.request_overhead = request_overhead
+
+    def walk(self, body: Mapping[str, Any]) -> tuple[list[str], int]:
+        parts: list[str] = []
+        direct = self.request_overhead
+        for field in _PROMPT_FIELDS:
+            value = body.get(field)
+            if value is None:
+                continue
+            direct += _collect(value, parts)
+            if field in _LIST_FIELDS and isinstance(value, list):
+                direct += self.message_overhead * len(value)
+        return parts, direct
+
+
+class CharEstimator(_Walker):
+    """``ceil(UTF-8 bytes / bytes_per_token)`` of every string in the prompt fields, plus
+    ``message_overhead`` per message and ``request_overhead`` per request. Fast (one pass, no
+    encoding of ASCII text) and conservative for English, code and CJK text."""
+
+    def __init__(
+        self,
+        bytes_per_token: int = BYTES_PER_TOKEN,
+        message_overhead: int = 4,
+        request_overhead: int = 8,
+    ) -> None:
+        super().__init__(message_overhead, request_overhead)
+        self.bytes_per_token = bytes_per_token
+
+    def prompt_tokens(self, body: Mapping[str, Any], endpoint: Endpoint) -> int:
+        parts, direct = self.walk(body)
+        size = sum(_utf8_len(p) for p in parts)
+        return direct + -(-size // self.bytes_per_token)
+
+
+class TiktokenEstimator(_Walker):
+    """Counts with a tiktoken encoding, times ``margin`` (``anthropic_margin`` for the
+    Anthropic API, whose tokenizer yields more tokens than ``o200k_base`` for the same text)."""
+
+    def __init__(
+        self,
+        encoding: Any,
+        margin: float = 1.1,
+        anthropic_margin: float = 1.35,
+        message_overhead: int = 4,
+        request_overhead: int = 8,
+    ) -> None:
+        super().__init__(message_overhead, request_overhead)
+        self.encoding = encoding
+        self.margin = margin
+        self.anthropic_margin = anthropic_margin
+
+    @classmethod
+    def load(
+        cls, name: str = "o200k_base", allow_download: bool = False
+    ) -> TiktokenEstimator | None:
+        """An estimator on encoding ``name``, or None when tiktoken or (unless
+        ``allow_download``) the cached encoding file is missing."""
+        encoding = _tiktoken_encoding(name, allow_download)
+        return None if encoding is None else cls(encoding)
+
+    def prompt_tokens(self, body: Mapping[str, Any], endpoint: Endpoint) -> int:
+        parts, direct = self.walk(body)
+        counted = len(self.encoding.encode_ordinary("\n".join(parts))) + len(parts)
+        margin = self.anthropic_margin if endpoint.family == "anthropic" else self.margin
+        return direct + math.ceil(counted * margin)
+
+
+def _tiktoken_encoding(name: str, allow_download: bool) -> Any:
+    """tiktoken's encoding ``name``; None when unavailable. Unless ``allow_download``, the
+    loader's network fetch is replaced by an error for the duration of the call, so only an
+    encoding already in tiktoken's cache (or a local file) loads."""
+    try:  # imported by name: tiktoken is optional and has no type information
+        tiktoken: Any = importlib.import_module("tiktoken")
+        tiktoken_load: Any = importlib.import_module("tiktoken.load")
+    except Exception:
+        return None
+    real: Any = getattr(tiktoken_load, "read_file", None)
+    if not allow_download and real is None:
+        return None  # an unknown tiktoken layout: do not risk a download
+
+    def offline(blobpath: str) -> Any:
+        if "://" in blobpath:
+            raise OSError(f"relaymw does not download {blobpath}")
+        return real(blobpath)
+
+    try:
+        if not allow_download:
+            tiktoken_load.read_file = offline
+        try:
+            return tiktoken.get_encoding(name)
+        finally:
+            if not allow_download:
+                tiktoken_load.read_file = real
+    except Exception as exc:
+        log.debug("relaymw: tiktoken encoding %s unavailable: %s", name, exc)
+        return None
+
+
+@functools.cache
+def default_estimator() -> TokenEstimator:
+    """A :class:`TiktokenEstimator` when tiktoken's ``o200k_base`` loads offline, else a
+    :class:`CharEstimator`. Decided once per process."""
+    estimator: TokenEstimator | None = TiktokenEstimator.load()
+    return estimator if estimator is not None else CharEstimator()
+
+
+def estimate_completion_tokens(output: str | bytes | int) -> int:
+    """Output tokens of a reply whose upstream reported no usage, from its generated text (or
+    its UTF-8 size in bytes): ``ceil(bytes / BYTES_PER_TOKEN)``, conservative like the prompt
+    estimate. A whole JSON response body may be passed too: it over-counts by its framing."""
+    if isinstance(output, str):
+        size = _utf8_len(output)
+    elif isinstance(output, (bytes, bytearray)):
+        size = len(output)
+    else:
+        size = max(int(output), 0)
+    return -(-size // BYTES_PER_TOKEN)
