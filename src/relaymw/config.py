@@ -262,12 +262,25 @@ def parse_document(text: bytes | str, fmt: str) -> dict[str, Any]:
     except ConfigError:
         raise
     except Exception as exc:  # each parser has its own error type
-        raise ConfigError([ConfigIssue("", f"{fmt.upper()} syntax error: {exc}")]) from None
+        raise ConfigError(
+            [ConfigIssue("", f"{fmt.upper()} syntax error: {_syntax(exc)}")]
+        ) from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError([ConfigIssue("", "the document must be a table/mapping at the top")])
     return doc
+
+
+def _syntax(exc: Exception) -> str:
+    """A parser's message without the document's text: PyYAML quotes the offending line,
+    which may hold a secret."""
+    problem = getattr(exc, "problem", None)
+    if problem is None:
+        return str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def load_document(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -121,11 +121,15 @@ class BackgroundReceiver:
     def __init__(self, func: Callable[..., Any], maxsize: int = 10_000) -> None:
         self.func = func
         self.dropped = 0
+        self._closed = False
         self._queue: queue.Queue[tuple[Any, dict[str, Any]] | None] = queue.Queue(maxsize)
         self._thread = threading.Thread(target=self._run, name="relaymw-sink", daemon=True)
         self._thread.start()
 
     def __call__(self, sender: Any, **kwargs: Any) -> None:
+        if self._closed:
+            self.dropped += 1
+            return
         try:
             self._queue.put_nowait((sender, kwargs))
         except queue.Full:
@@ -145,9 +149,14 @@ class BackgroundReceiver:
         """Wait until every queued event has been handled."""
         self._queue.join() if timeout is None else _join_with_timeout(self._queue, timeout)
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(5)
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop after handling what is queued (at most ``timeout`` seconds)."""
+        self._closed = True
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
 
 
 def _join_with_timeout(q: queue.Queue[Any], timeout: float) -> None:
