@@ -30,6 +30,7 @@ __all__ = [
     "Budgeting",
     "Gateway",
     "HealthCheck",
+    "Metrics",
     "Pinning",
     "Price",
     "RateLimiting",
@@ -171,6 +172,15 @@ class Budgeting:
 
 
 @attrs.frozen
+class Metrics:
+    """Per-version metric windows; with a ``redis://`` URI workers aggregate their buckets."""
+
+    storage_uri: str = attrs.field(default="memory://", repr=False)
+    bucket_seconds: int = 10
+    retention_seconds: int = 3600
+
+
+@attrs.frozen
 class Sticky:
     secret: str = attrs.field(default="", repr=False)
 
@@ -200,6 +210,7 @@ class RelayConfig:
     rate_limiting: RateLimiting = RateLimiting()
     budgets: tuple[Budget, ...] = ()
     budgeting: Budgeting = Budgeting()
+    metrics: Metrics = Metrics()
     sticky: Sticky = Sticky()
     pinning: Pinning = Pinning()
     gateway: Gateway = Gateway()

@@ -11,6 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from decimal import Decimal
 from importlib import resources
 from typing import Any, Literal
@@ -37,6 +38,8 @@ from relaymw.errors import (
     UpstreamTimeout,
 )
 from relaymw.guard import Admission, Guard
+from relaymw.health import Evaluation, HealthChecker, share_out
+from relaymw.metrics import MetricsRegistry, RedisMetricsPublisher, VersionMetrics
 from relaymw.protocols import Endpoint, Usage
 from relaymw.snapshot import (
     CompiledRoute,
@@ -228,6 +231,10 @@ class Relay:
             snapshot = Snapshot.compile(build_config(document), document, "", "embedded default")
         self._snapshot = snapshot
         self.guard = Guard(snapshot.config, self, identity=identity)
+        self._metrics = _metrics_registry(snapshot.config)
+        self._health = HealthChecker(self._metrics)
+        self._stop_health: Callable[[], None] | None = None
+        self._start_health(snapshot)
         signals.send(
             signals.config_loaded,
             self,
@@ -254,8 +261,10 @@ class Relay:
 
     # --- configuration changes --------------------------------------------------------------
 
-    def apply_document(self, raw: RawDocument) -> bool:
-        """Validate a new document and swap it in; an invalid one leaves the current config."""
+    def apply_document(self, raw: RawDocument, actor: str = "store") -> bool:
+        """Validate a new document and swap it in; an invalid one leaves the current config.
+
+        ``actor`` names who made the change, for ``weights_changed``."""
         current = self._snapshot
         if raw.revision and raw.revision == current.revision and raw.source == current.source:
             return True
@@ -274,14 +283,21 @@ class Relay:
             return False
         with self._lock:
             current = self._snapshot
-            # Ejections made by health checks survive a reload only for tags still routed.
-            self._snapshot = Snapshot.compile(
-                config, document, raw.revision, raw.source, current.ejected
-            )
+            changes = _weight_changes(current.config, config)
+            # An ejection stands until someone sets that route's weights (a health write-back
+            # itself sets the ejected version to 0, so it stays out either way).
+            changed = {alias for alias, _, _ in changes}
+            ejected = {a: t for a, t in current.ejected.items() if a not in changed}
+            self._snapshot = Snapshot.compile(config, document, raw.revision, raw.source, ejected)
             guard = Guard(config, self, identity=self.identity, previous=self.guard)
             self.guard = guard
         for retired in guard.retired:
             retired.close()
+        self._start_health(self._snapshot)
+        for alias, before, after in changes:
+            signals.send(
+                signals.weights_changed, self, route=alias, before=before, after=after, actor=actor
+            )
         log.info("relaymw: loaded configuration revision %s from %s", raw.revision, raw.source)
         signals.send(
             signals.config_loaded, self, config=config, revision=raw.revision, source=raw.source
@@ -299,7 +315,10 @@ class Relay:
         )
 
     def update_document(
-        self, change: Callable[[dict[str, Any]], dict[str, Any]], retries: int = 5
+        self,
+        change: Callable[[dict[str, Any]], dict[str, Any]],
+        retries: int = 5,
+        actor: str = "api",
     ) -> Snapshot:
         """Apply ``change`` to the stored document, validate, save (compare-and-set) and swap.
 
@@ -317,7 +336,7 @@ class Relay:
             except StoreConflictError:
                 continue
             # Read back rather than trust our copy: another writer may already have followed.
-            self.apply_document(self.store.load())
+            self.apply_document(self.store.load(), actor)
             return self._snapshot
         raise StoreError("the configuration kept changing while writing; try again")
 
@@ -469,6 +488,18 @@ class Relay:
         exchange.cost = cost
         if error is None and status >= 500:
             error = "upstream_error"
+        if choice is not None:
+            self._metrics.record(
+                choice.route,
+                choice.version_tag,
+                status,
+                latency_ms,
+                ttft_ms,
+                prompt,
+                completion,
+                cost,
+                error,
+            )
         signals.send(
             signals.request_finished,
             self,
@@ -487,6 +518,81 @@ class Relay:
             usage_estimated=usage.estimated if usage else False,
             cached_tokens=cached,
         )
+
+    # --- metrics and health -----------------------------------------------------------------
+
+    def metrics(
+        self,
+        version_tag: str,
+        start: float | datetime | None = None,
+        end: float | datetime | None = None,
+        route: str | None = None,
+    ) -> VersionMetrics:
+        """A version's figures between ``start`` and ``end`` (epoch seconds or datetimes; the
+        last hour by default), over every worker when metrics go to Redis."""
+        stop = _epoch(end) if end is not None else time.time()
+        begin = _epoch(start) if start is not None else stop - 3600
+        return self._metrics.query(version_tag, begin, stop, route)
+
+    def _start_health(self, snapshot: Snapshot) -> None:
+        """Evaluate health checks in a thread, so no request waits on a window query."""
+        wanted = any(r.route.health_check.enabled for r in snapshot.routes.values())
+        if wanted and self._stop_health is None:
+            self._stop_health = self._health.run_in_background(self._health_routes, self._on_health)
+        elif not wanted and self._stop_health is not None:
+            self._stop_health()
+            self._stop_health = None
+
+    def _health_routes(self) -> list[tuple[Route, frozenset[str]]]:
+        snap = self._snapshot
+        return [
+            (r.route, snap.ejected.get(alias, frozenset()))
+            for alias, r in snap.routes.items()
+            if r.route.health_check.enabled
+        ]
+
+    def _on_health(self, evaluation: Evaluation) -> None:
+        for ejection in evaluation.ejections:
+            self.eject(ejection.route, ejection.version, ejection.reason, ejection.evidence)
+
+    def eject(
+        self, alias: str, tag: str, reason: str, evidence: dict[str, Any] | None = None
+    ) -> dict[str, float]:
+        """Take ``tag`` out of ``alias`` now and share its weight out among the rest; where the
+        store is writable, write the new weights back so every worker and restart sees it."""
+        route = self._snapshot.routes[alias].route
+        if not route.health_check.auto_rollback:
+            log.warning(
+                "relaymw: %s/%s is unhealthy (%s); auto_rollback is off", alias, tag, reason
+            )
+            return {}
+        weights = share_out({r.version_tag: r.weight for r in route.route_rules}, tag)
+        with self._lock:
+            snap = self._snapshot
+            ejected = {**snap.ejected, alias: snap.ejected.get(alias, frozenset()) | {tag}}
+            self._snapshot = Snapshot.compile(
+                snap.config, snap.document, snap.revision, snap.source, ejected
+            )
+        log.warning("relaymw: ejected %s from %s (%s): %s", tag, alias, reason, evidence)
+        signals.send(
+            signals.version_ejected,
+            self,
+            route=alias,
+            version=tag,
+            reason=reason,
+            evidence=evidence or {},
+            new_weights=weights,
+        )
+        if self.store is not None and self.store.writable:
+            try:
+                self.update_document(
+                    lambda doc: _set_weights(doc, alias, weights), actor=f"health-check: {reason}"
+                )
+            except Exception as exc:  # the ejection stands in this process regardless
+                log.warning(
+                    "relaymw: could not write the rollback of %s to the store: %s", tag, exc
+                )
+        return weights
 
     # --- in-app clients ----------------------------------------------------------------------
 
@@ -515,10 +621,50 @@ class Relay:
         await self.guard.aclose()
 
     def close(self) -> None:
+        if self._stop_health is not None:
+            self._stop_health()
+            self._stop_health = None
+        if self._metrics.publisher is not None:
+            self._metrics.publisher.stop()
         if self.store is not None:
             self.store.close()
         self.pool.close()
         self.guard.close()
+
+
+def _metrics_registry(config: RelayConfig) -> MetricsRegistry:
+    settings = config.metrics
+    registry = MetricsRegistry(settings.bucket_seconds, settings.retention_seconds)
+    if settings.storage_uri.startswith(("redis://", "rediss://")):
+        RedisMetricsPublisher(registry, settings.storage_uri).start()
+    return registry
+
+
+def _epoch(value: float | datetime) -> float:
+    return value.timestamp() if isinstance(value, datetime) else float(value)
+
+
+def _set_weights(doc: dict[str, Any], alias: str, weights: dict[str, float]) -> dict[str, Any]:
+    for route in doc.get("routes", []):
+        if route.get("model_alias") == alias:
+            route["route_rules"] = [
+                {**rule, "weight": weights.get(rule["version_tag"], rule["weight"])}
+                for rule in route["route_rules"]
+            ]
+    return doc
+
+
+def _weight_changes(
+    old: RelayConfig, new: RelayConfig
+) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+    before = {r.model_alias: {x.version_tag: x.weight for x in r.route_rules} for r in old.routes}
+    changes = []
+    for route in new.routes:
+        after = {x.version_tag: x.weight for x in route.route_rules}
+        previous = before.get(route.model_alias)
+        if previous is not None and previous != after:
+            changes.append((route.model_alias, previous, after))
+    return changes
 
 
 _watching: weakref.WeakSet[Relay] = weakref.WeakSet()
