@@ -8,7 +8,6 @@ before it downwards: a user who had the last version keeps it.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import random
@@ -96,13 +95,14 @@ class CookieCodec:
 
     def __init__(self, secret: str = "") -> None:
         self._key = secret.encode() if secret else b""
-        # Keyed once; each signature copies this state instead of re-deriving the key pads.
+        # Keyed once; each signature copies this state instead of re-deriving the key pads
+        # (faster than a one-shot hmac.digest). 96 bits of it, in hex (cheaper than base64).
         self._mac = hmac.new(self._key, digestmod=hashlib.sha256)
 
     def _sign(self, alias: str, tag: str, expires: int) -> str:
         mac = self._mac.copy()
         mac.update(f"{alias}~{tag}~{expires}".encode())
-        return base64.urlsafe_b64encode(mac.digest()[:16]).decode().rstrip("=")
+        return mac.digest()[:12].hex()
 
     def encode(self, alias: str, tag: str, expires: int) -> str:
         if self._key:

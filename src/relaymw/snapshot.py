@@ -136,6 +136,8 @@ class CompiledRoute:
     # Every (tag, reason) choice prebuilt, so a request allocates nothing to describe its choice.
     choices: dict[tuple[str, str], VersionChoice] = attrs.field(hash=False)
     rule_tags: frozenset[str]
+    # "; Max-Age=...; Path=/; HttpOnly; SameSite=Lax", built once per snapshot.
+    cookie_attributes: str = ""
 
     @property
     def alias(self) -> str:
@@ -183,8 +185,13 @@ class Snapshot:
                     choices[(v.version_tag, reason)] = VersionChoice(
                         route.model_alias, v.version_tag, v, v.upstream_endpoint, up, reason
                     )
+            sticky = route.sticky_sessions
             routes[route.model_alias] = CompiledRoute(
-                route, table, choices, frozenset(r.version_tag for r in route.route_rules)
+                route,
+                table,
+                choices,
+                frozenset(r.version_tag for r in route.route_rules),
+                f"; Max-Age={sticky.ttl_seconds}; Path=/; HttpOnly; SameSite=Lax",
             )
         in_app = {p: routes[r.model_alias] for r in config.routes for p in r.paths}
         pins = {
@@ -245,12 +252,8 @@ class Snapshot:
             tag, reason = table.for_key(key), "key"
         else:
             tag, reason = table.pick(), "weight"
-        expires = int(now) + sticky.ttl_seconds
-        value = self.cookie_codec.encode(route.alias, tag, expires)
-        cookie = (
-            f"{sticky.cookie_name}={value}; Max-Age={sticky.ttl_seconds}; Path=/; HttpOnly;"
-            " SameSite=Lax"
-        )
+        value = self.cookie_codec.encode(route.alias, tag, int(now) + sticky.ttl_seconds)
+        cookie = f"{sticky.cookie_name}={value}{route.cookie_attributes}"
         if request.scheme == "https":
             cookie += "; Secure"
         return route.choices[(tag, reason)], cookie
