@@ -22,10 +22,12 @@ a tie) is never ejected; every other eligible version is a canary compared with 
   (a half-normal mixing distribution of variance ``tau2`` = 0.003 on the difference of the
   two rates); the canary is ejected when it reaches ``1/alpha``. It is computed from the two
   versions' (requests, errors) counts at each look, so it works on counts aggregated in Redis.
-  It is strictly valid for counts since the canary started: keep ``window_seconds`` at least
-  as long as a rollout stage (the buckets' retention caps it). Each canary is tested at level
-  ``alpha`` on its own. Both versions need ``min_requests`` (a hold: "insufficient_data").
-  Figures from ``bench/bench_baseline.py`` are in ``bench/results_health.md``.
+  Its guarantee (up to the normal approximation, checked by simulation in
+  ``bench/bench_baseline.py``, figures in ``bench/results_health.md``) is for counts that only
+  grow: pass ``since`` (the stage's start) to :meth:`HealthChecker.evaluate`; over a sliding
+  ``window_seconds`` each new window is, in effect, a new test. Each canary is tested at level
+  ``alpha`` on its own. Both versions need ``min_requests`` (else a hold, "insufficient_data";
+  the same minimum as threshold mode: the statistic needs no other).
 * Latency: canary p99 > stable p99 * (1 + ``latency_tolerance``) (default 0.5) with both at
   ``max(min_requests, latency_min_requests)`` requests (default 100: with fewer, a p99 is the
   window's slowest call or next to it). A plain comparison, not a sequential test.
@@ -61,6 +63,7 @@ TAU2 = 0.003
 LATENCY_TOLERANCE = 0.5
 LATENCY_MIN_REQUESTS = 100
 
+_RouteState = tuple[Route, Iterable[str]] | tuple[Route, Iterable[str], float | None]
 Reason = Literal["error_rate", "latency_p99", "baseline_error_rate", "baseline_latency_p99"]
 
 
@@ -186,7 +189,11 @@ class HealthChecker:
         self._lock = threading.Lock()
 
     def maybe_evaluate(
-        self, route: Route, ejected: Iterable[str] = (), now: float | None = None
+        self,
+        route: Route,
+        ejected: Iterable[str] = (),
+        now: float | None = None,
+        since: float | None = None,
     ) -> Evaluation | None:
         """:meth:`evaluate`, at most once per ``interval_seconds`` per route (None otherwise):
         cheap enough to call after every request."""
@@ -195,12 +202,19 @@ class HealthChecker:
             if t < self._due.get(route.model_alias, -math.inf):
                 return None
             self._due[route.model_alias] = t + self.interval_seconds
-        return self.evaluate(route, ejected, t)
+        return self.evaluate(route, ejected, t, since)
 
     def evaluate(
-        self, route: Route, ejected: Iterable[str] = (), now: float | None = None
+        self,
+        route: Route,
+        ejected: Iterable[str] = (),
+        now: float | None = None,
+        since: float | None = None,
     ) -> Evaluation:
-        """The decisions for ``route`` now; ``ejected`` are the tags already ejected."""
+        """The decisions for ``route`` now; ``ejected`` are the tags already ejected. In
+        baseline mode, ``since`` (epoch seconds: when the route's weights last changed) makes
+        the window the current stage's whole life, up to the metrics' retention, instead of
+        ``window_seconds``: the sequential test's guarantee is for counts that only grow."""
         hc = route.health_check
         out = set(ejected)
         weights = {r.version_tag: r.weight for r in route.route_rules if r.weight > 0}
@@ -208,12 +222,12 @@ class HealthChecker:
         if not hc.enabled or not eligible or (hc.mode == "baseline" and len(eligible) < 2):
             return Evaluation(route.model_alias)
         t = self._clock() if now is None else now
-        stats = {
-            tag: self.metrics.window(route.model_alias, tag, hc.window_seconds, t)
-            for tag in eligible
-        }
+        seconds: float = hc.window_seconds
+        if hc.mode == "baseline" and since is not None:
+            seconds = max(0.0, min(t - since, self.metrics.retention_seconds))
+        stats = {tag: self.metrics.window(route.model_alias, tag, seconds, t) for tag in eligible}
         if hc.mode == "baseline":
-            return self._baseline(route.model_alias, hc, eligible, weights, stats)
+            return self._baseline(route.model_alias, hc, eligible, weights, stats, seconds)
         return self._threshold(route.model_alias, hc, eligible, weights, stats)
 
     def _threshold(
@@ -265,6 +279,7 @@ class HealthChecker:
         eligible: list[str],
         weights: dict[str, float],
         stats: dict[str, VersionMetrics],
+        seconds: float,
     ) -> Evaluation:
         stable = max(eligible, key=lambda t: weights[t])  # the first listed on a tie
         s = stats[stable]
@@ -293,7 +308,7 @@ class HealthChecker:
                 "tau2": self.tau2,
                 "latency_tolerance": self.latency_tolerance,
                 "min_requests": hc.min_requests,
-                "window_seconds": hc.window_seconds,
+                "window_seconds": seconds,
             }
             if c.request_count < hc.min_requests or s.request_count < hc.min_requests:
                 notes.append(Note(alias, tag, "insufficient_data", evidence))
@@ -312,10 +327,10 @@ class HealthChecker:
 
     def run_in_background(
         self,
-        routes: Callable[[], Iterable[tuple[Route, Iterable[str]]]],
+        routes: Callable[[], Iterable[_RouteState]],
         on_evaluation: Callable[[Evaluation], None],
     ) -> Callable[[], None]:
-        """Evaluate ``routes()`` (pairs of a route and its ejected tags) every
+        """Evaluate ``routes()`` (``(route, ejected tags)`` or ``(route, ejected, since)``) every
         ``interval_seconds`` in a daemon thread, handing evaluations with ejections to
         ``on_evaluation``; returns a function that stops the thread. Use it when queries are
         not cheap (Redis), so the request path never waits on them."""
@@ -324,8 +339,8 @@ class HealthChecker:
         def loop() -> None:
             while not stop.wait(self.interval_seconds):
                 try:
-                    for route, ejected in routes():
-                        ev = self.evaluate(route, ejected)
+                    for route, ejected, *since in routes():
+                        ev = self.evaluate(route, ejected, since=since[0] if since else None)
                         if ev.ejections:
                             on_evaluation(ev)
                 except Exception:

@@ -111,7 +111,7 @@ def _add(acc: list[int], fields: dict[int, int], sign: int = 1) -> None:
 
 @attrs.frozen
 class VersionMetrics:
-    """A version's figures over ``[start, end)`` at bucket granularity (None: no data)."""
+    """A version's figures over ``[start, end)``, bucket granularity; money to 1e-12 USD."""
 
     version: str
     route: str | None  # None: summed over every route
@@ -162,10 +162,9 @@ class MetricsRegistry:
         self.bucket_seconds, self.retention_seconds = int(bucket_seconds), int(retention_seconds)
         self.slots = -(-self.retention_seconds // self.bucket_seconds) + 1
         self.publisher: RedisMetricsPublisher | None = None
-        self.clock = clock
+        self.clock, self.newest = clock, -1  # newest: the newest bucket number seen
         self._lock = threading.Lock()
         self._series: dict[tuple[str, str], list[_Bucket]] = {}
-        self.newest = -1  # the newest bucket number seen
 
     def record(
         self,
@@ -227,10 +226,12 @@ class MetricsRegistry:
             )  # fmt: skip
 
     def _prune(self, idx: int) -> None:
-        """Forget series with nothing left in the retention (versions no longer routed)."""
-        self.newest = idx
-        for key, ring in list(self._series.items()):
-            if max(b.idx for b in ring) <= idx - self.slots:
+        """Forget series with nothing left in the retention (versions no longer routed); once
+        per retention period, so a stale series goes within two retentions."""
+        self.newest, before = idx, self.newest
+        if idx // self.slots != before // self.slots:
+            stale = idx - self.slots
+            for key in [k for k, g in self._series.items() if max(b.idx for b in g) <= stale]:
                 del self._series[key]
 
     def query(
