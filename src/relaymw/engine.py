@@ -232,6 +232,8 @@ class Relay:
         self._snapshot = snapshot
         self.guard = Guard(snapshot.config, self, identity=identity)
         self._metrics = _metrics_registry(snapshot.config)
+        # When each route's weights last changed: baseline health tests count from there.
+        self._stage_started = dict.fromkeys(snapshot.routes, time.time())
         self._health = HealthChecker(self._metrics)
         self._stop_health: Callable[[], None] | None = None
         self._start_health(snapshot)
@@ -294,6 +296,11 @@ class Relay:
         for retired in guard.retired:
             retired.close()
         self._start_health(self._snapshot)
+        now = time.time()
+        for alias in self._snapshot.routes:
+            self._stage_started.setdefault(alias, now)
+        for alias, _, _ in changes:
+            self._stage_started[alias] = now
         for alias, before, after in changes:
             signals.send(
                 signals.weights_changed, self, route=alias, before=before, after=after, actor=actor
@@ -543,10 +550,10 @@ class Relay:
             self._stop_health()
             self._stop_health = None
 
-    def _health_routes(self) -> list[tuple[Route, frozenset[str]]]:
+    def _health_routes(self) -> list[tuple[Route, frozenset[str], float]]:
         snap = self._snapshot
         return [
-            (r.route, snap.ejected.get(alias, frozenset()))
+            (r.route, snap.ejected.get(alias, frozenset()), self._stage_started.get(alias, 0.0))
             for alias, r in snap.routes.items()
             if r.route.health_check.enabled
         ]
@@ -566,7 +573,11 @@ class Relay:
                 "relaymw: %s/%s is unhealthy (%s); auto_rollback is off", alias, tag, reason
             )
             return {}
-        weights = share_out({r.version_tag: r.weight for r in route.route_rules}, tag)
+        out = self._snapshot.ejected.get(alias, frozenset())
+        current = {
+            r.version_tag: 0.0 if r.version_tag in out else r.weight for r in route.route_rules
+        }
+        weights = share_out(current, tag)
         with self._lock:
             snap = self._snapshot
             ejected = {**snap.ejected, alias: snap.ejected.get(alias, frozenset()) | {tag}}

@@ -23,7 +23,7 @@ Keyword arguments of each signal:
     ``latency_ms``, ``ttft_ms`` (None unless streamed), ``prompt_tokens``,
     ``completion_tokens``, ``cost_usd`` (``Decimal``), ``stream``, ``error`` (None or a short
     code: ``"upstream_error"``, ``"upstream_timeout"``, ``"upstream_unreachable"``,
-    ``"client_disconnected"``, ``"rate_limited"``, ``"budget_exceeded"``,
+    ``"upstream_truncated"``, ``"client_disconnected"``, ``"rate_limited"``, ``"budget_exceeded"``,
     ``"cost_limit_exceeded"``, ``"bad_request"``), plus ``mode``, ``protocol``,
     ``usage_estimated`` and ``cached_tokens``.
 ``rate_limited``
