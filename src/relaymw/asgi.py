@@ -57,9 +57,7 @@ class RelayMiddleware:
         config: str | os.PathLike[str] | Store | None = None,
     ) -> None:
         self.app = app
-        if relay is None:
-            relay = Relay.from_store(config) if config is not None else Relay()
-        self.relay = relay
+        self.relay = Relay.given(relay, config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

@@ -9,7 +9,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
@@ -246,7 +245,14 @@ class Relay:
         )
         if store is not None and watch:
             store.watch(self._on_document, self._on_store_error)
-            _watching.add(self)  # threads do not survive fork: see _rewatch_after_fork
+
+    @classmethod
+    def given(cls, relay: Relay | None, config: str | os.PathLike[str] | Store | None) -> Relay:
+        """The adapters' ``relay=`` / ``config=`` arguments as one relay (the embedded default
+        configuration when neither is given)."""
+        if relay is not None:
+            return relay
+        return cls.from_store(config) if config is not None else cls()
 
     @classmethod
     def from_store(cls, source: str | os.PathLike[str] | Store, **kwargs: Any) -> Relay:
@@ -676,19 +682,6 @@ def _weight_changes(
         if previous is not None and previous != after:
             changes.append((route.model_alias, previous, after))
     return changes
-
-
-_watching: weakref.WeakSet[Relay] = weakref.WeakSet()
-
-
-def _rewatch_after_fork() -> None:
-    """Threads do not survive fork (gunicorn --preload): each child watches its stores anew."""
-    for relay in list(_watching):
-        if relay.store is not None:
-            relay.store.watch(relay._on_document, relay._on_store_error)
-
-
-os.register_at_fork(after_in_child=_rewatch_after_fork)
 
 
 def _httpx_module(flavor: str) -> Any:

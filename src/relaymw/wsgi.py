@@ -50,9 +50,7 @@ class RelayWSGIMiddleware:
         config: str | os.PathLike[str] | Store | None = None,
     ) -> None:
         self.app = app
-        if relay is None:
-            relay = Relay.from_store(config) if config is not None else Relay()
-        self.relay = relay
+        self.relay = Relay.given(relay, config)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         snapshot = self.relay.snapshot

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -10,7 +12,17 @@ import attrs
 
 from relaymw.errors import StoreError
 
-__all__ = ["RawDocument", "Store", "open_store", "register_scheme"]
+__all__ = [
+    "RawDocument",
+    "Store",
+    "call_safely",
+    "forget_after_fork",
+    "open_store",
+    "register_scheme",
+    "rewatch_after_fork",
+]
+
+log = logging.getLogger("relaymw")
 
 
 @attrs.frozen
@@ -81,3 +93,35 @@ def open_store(source: str | os.PathLike[str] | Store) -> Store:
     from relaymw.stores.file import FileStore
 
     return FileStore(text)
+
+
+def call_safely(callback: Callable[[Any], None], argument: Any) -> None:
+    """Run a store callback from a watcher thread; its failure is logged, never fatal."""
+    try:
+        callback(argument)
+    except Exception:
+        log.exception("relaymw: a store callback failed")
+
+
+# Threads do not survive fork (gunicorn --preload): a watching store watches anew in the child.
+# A WeakSet, with the callbacks kept on the store: the registry never keeps a store alive.
+_watching: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def rewatch_after_fork(
+    store: Any, on_change: Callable[..., None], on_error: Callable[..., None]
+) -> None:
+    store._relaymw_callbacks = (on_change, on_error)
+    _watching.add(store)
+
+
+def forget_after_fork(store: Any) -> None:
+    _watching.discard(store)
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_watching):
+        store.watch(*store._relaymw_callbacks)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

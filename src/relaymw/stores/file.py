@@ -20,7 +20,13 @@ from typing import Any
 
 from relaymw.config import format_for_path
 from relaymw.errors import StoreConflictError, StoreError
-from relaymw.stores.base import RawDocument, register_scheme
+from relaymw.stores.base import (
+    RawDocument,
+    call_safely,
+    forget_after_fork,
+    register_scheme,
+    rewatch_after_fork,
+)
 
 __all__ = ["FileStore", "dump_document"]
 
@@ -91,6 +97,7 @@ class FileStore:
     ) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
+        rewatch_after_fork(self, on_change, on_error)
 
         def run() -> None:
             while not self._stop.wait(self.poll_interval):
@@ -99,9 +106,11 @@ class FileStore:
                     continue
                 self._seen = current
                 try:
-                    on_change(self.load())
+                    raw = self.load()
                 except Exception as exc:  # the callback keeps its last-known-good
-                    on_error(exc)
+                    call_safely(on_error, exc)
+                else:
+                    call_safely(on_change, raw)
 
         self._thread = threading.Thread(target=run, name="relaymw-file-store", daemon=True)
         self._thread.start()
@@ -164,6 +173,7 @@ class FileStore:
                     os.unlink(os.path.join(directory, name))
 
     def close(self) -> None:
+        forget_after_fork(self)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2)

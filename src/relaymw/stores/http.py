@@ -22,14 +22,19 @@ import os
 import re
 import threading
 import urllib.parse
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
 
 from relaymw.errors import StoreError, StoreReadOnlyError
-from relaymw.stores.base import RawDocument, register_scheme
+from relaymw.stores.base import (
+    RawDocument,
+    call_safely,
+    forget_after_fork,
+    register_scheme,
+    rewatch_after_fork,
+)
 
 __all__ = ["AUTH_ENV", "HttpStore"]
 
@@ -158,7 +163,7 @@ class HttpStore:
         if self._thread is not None and self._thread.is_alive():
             return
         self._callbacks = (on_change, on_error)
-        _watching.add(self)
+        rewatch_after_fork(self, on_change, on_error)
         self._thread = threading.Thread(
             target=self._run,
             args=(on_change, on_error, self._last),
@@ -179,7 +184,7 @@ class HttpStore:
             except StoreError as exc:
                 if not failing and not stop.is_set():  # once per outage
                     failing = True
-                    _call(on_error, exc)
+                    call_safely(on_error, exc)
                 continue
             except RuntimeError:  # the client was closed under us by close()
                 break
@@ -193,7 +198,7 @@ class HttpStore:
                 continue
             seen = raw.revision
             self._last = (raw.revision, etag)  # where a forked child starts from
-            _call(on_change, raw)
+            call_safely(on_change, raw)
 
     def save(self, document: dict[str, Any], expected_revision: str | None = None) -> str:
         raise StoreReadOnlyError(
@@ -203,29 +208,12 @@ class HttpStore:
     def close(self) -> None:
         self._stop.set()
         self._callbacks = None
-        _watching.discard(self)
+        forget_after_fork(self)
         if self._thread is not None:
             self._thread.join(self.timeout + 1)
             self._thread = None
         self._client.close()
 
 
-def _call(callback: Callable[[Any], None], argument: Any) -> None:
-    try:
-        callback(argument)
-    except Exception:
-        log.exception("relaymw: a store callback failed")
-
-
-_watching: weakref.WeakSet[HttpStore] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for store in list(_watching):
-        if store._callbacks is not None:
-            store.watch(*store._callbacks)
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)  # POSIX, as fcntl in FileStore
 register_scheme("http", HttpStore)
 register_scheme("https", HttpStore)

@@ -21,7 +21,6 @@ import os
 import threading
 import time
 import urllib.parse
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,14 @@ from redis.retry import Retry
 
 from relaymw.config import parse_document
 from relaymw.errors import StoreConflictError, StoreError
-from relaymw.stores.base import RawDocument, open_store, register_scheme
+from relaymw.stores.base import (
+    RawDocument,
+    call_safely,
+    forget_after_fork,
+    open_store,
+    register_scheme,
+    rewatch_after_fork,
+)
 from relaymw.stores.file import dump_document
 
 __all__ = ["DEFAULT_KEY", "RedisStore"]
@@ -183,7 +189,7 @@ class RedisStore:
         if self._thread is not None and self._thread.is_alive():
             return
         self._callbacks = (on_change, on_error)
-        _watching.add(self)
+        rewatch_after_fork(self, on_change, on_error)
         self._thread = threading.Thread(
             target=self._run, args=self._callbacks, name="relaymw-redis-store", daemon=True
         )
@@ -249,7 +255,7 @@ class RedisStore:
             if error is not None:
                 if not failing:  # once per outage
                     failing = True
-                    _call(on_error, error)
+                    call_safely(on_error, error)
                 if pubsub is None:
                     stop.wait(delay)
                     delay = min(delay * 2, _BACKOFF_CAP)
@@ -260,38 +266,19 @@ class RedisStore:
             delay = _BACKOFF_START
             if raw is not None and raw.revision != self._seen:
                 self._seen = raw.revision
-                _call(on_change, raw)
+                call_safely(on_change, raw)
         if pubsub is not None:
             pubsub.close()
 
     def close(self) -> None:
         self._stop.set()
         self._callbacks = None
-        _watching.discard(self)
+        forget_after_fork(self)
         if self._thread is not None:
             self._thread.join(2)
             self._thread = None
         self._subscriber.disconnect()
         self._pool.disconnect()
-
-
-def _call(callback: Callable[[Any], None], argument: Any) -> None:
-    try:
-        callback(argument)
-    except Exception:
-        log.exception("relaymw: a store callback failed")
-
-
-_watching: weakref.WeakSet[RedisStore] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for store in list(_watching):
-        if store._callbacks is not None:
-            store.watch(*store._callbacks)
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)  # POSIX, as fcntl in FileStore
 
 
 register_scheme("redis", RedisStore)
