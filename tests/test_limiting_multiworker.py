@@ -91,8 +91,9 @@ def workers(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[str]:
     }
     cmd = [sys.executable, "-m", "uvicorn", "--workers", str(WORKERS), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
-    # A busy worker on a loaded machine must not be mistaken for a hung one and restarted.
-    cmd += ["--timeout-worker-healthcheck", "30", "limit_app:app"]
+    # A busy worker on a loaded machine must not be mistaken for a hung one and restarted,
+    # and must not close a pooled connection (5 s keep-alive) just as the client reuses it.
+    cmd += ["--timeout-worker-healthcheck", "30", "--timeout-keep-alive", "120", "limit_app:app"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -516,6 +516,7 @@ def test_every_worker_follows_a_change_within_a_second(
     }
     cmd = [sys.executable, "-m", "uvicorn", "relay_app:app", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--workers", str(WORKERS), "--log-level", "warning"]
+    cmd += ["--timeout-keep-alive", "120"]  # no keep-alive close racing a reused connection
     log = open(tmp_path / "uvicorn.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
     probe: Probe | None = None
