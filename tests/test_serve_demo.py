@@ -22,7 +22,7 @@ def served() -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "relaymw.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "relaymw", "serve", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
