@@ -1148,10 +1148,12 @@ req/s is that of the pair. Closed-loop load: c keep-alive connections, one reque
 on each. Figures are medians over repetitions; "± %" is half the req/s range over the
 repetitions relative to the median. CPU per request is utime + stime of the process
 (`/proc/PID/stat`) over the window ÷ requests completed in it. TTFB is the time to the first
-response byte. "other CPU % (0 / 1)" is the busy time of CPU 0 not used by our servers
-and of CPU 1 not used by the load generator (other processes, kernel work charged to no
-process, steal), the worst over the repetitions: a sample above {MAX_OTHER_PCT:g}% is re-run
-(twice at most, within a time budget) and the cleanest attempt kept.
+response byte (FakeLLM sends its stream in one write, so TTFB is close to the full latency).
+"other CPU % (0 / 1)" is the busy time of CPU 0 not used by our servers and of CPU 1 not used
+by the load generator (other processes, kernel work charged to no process, steal), the worst
+over the repetitions: a sample above {MAX_OTHER_PCT:g}% is re-run (twice at most, within a
+time budget) and the cleanest attempt kept. On a shared machine, read the req/s ratios only
+where both columns are low.
 
 Targets: `direct` = load → FakeLLM; `bare-aiohttp` = minimal pure-ASGI relay (one shared
 aiohttp.ClientSession, no parsing); `relaymw` = Starlette app wrapped in RelayMiddleware,
