@@ -421,13 +421,6 @@ def _make_converter() -> cattrs.Converter:
 converter = _make_converter()
 
 _DICT_KEY = re.compile(r"\['([^']*)'\]")
-_TYPE_NAMES = {
-    "invalid value for type, expected float": "expected a number",
-    "invalid value for type, expected int": "expected an integer",
-    "invalid value for type, expected str": "expected a string",
-    "invalid value for type, expected bool": "expected true or false",
-    "required field missing": "required field missing",
-}
 _CATTRS_MESSAGE = re.compile(r"^(?P<msg>.*) @ \$(?P<path>.*)$", re.DOTALL)
 
 
@@ -440,7 +433,6 @@ def _cattrs_issues(exc: Exception) -> list[ConfigIssue]:
             continue
         path = _DICT_KEY.sub(r".\1", m.group("path")).lstrip(".")
         msg = m.group("msg")
-        msg = _TYPE_NAMES.get(msg, msg)
         out.append(ConfigIssue(path, msg))
     return out
 

@@ -26,7 +26,7 @@ import aiohttp
 import attrs
 
 from relaymw import signals
-from relaymw.engine import Relay, default_config_path
+from relaymw.engine import Relay, default_config_path, set_route_weights
 from relaymw.serve import local_upstream
 from relaymw.stores import FileStore
 
@@ -116,14 +116,7 @@ def _table(collector: Collector, weights: dict[str, float], title: str) -> Any:
 
 def _set_weights(relay: Relay, canary: float) -> dict[str, float]:
     weights = {STABLE: 100 - canary, CANARY: canary}
-
-    def change(doc: dict[str, Any]) -> dict[str, Any]:
-        for route in doc["routes"]:
-            if route["model_alias"] == ALIAS:
-                route["route_rules"] = [{"version_tag": t, "weight": w} for t, w in weights.items()]
-        return doc
-
-    relay.update_document(change)
+    relay.update_document(lambda doc: set_route_weights(doc, ALIAS, weights), actor="demo")
     return weights
 
 

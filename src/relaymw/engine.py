@@ -603,7 +603,8 @@ class Relay:
         if self.store is not None and self.store.writable:
             try:
                 self.update_document(
-                    lambda doc: _set_weights(doc, alias, weights), actor=f"health-check: {reason}"
+                    lambda doc: set_route_weights(doc, alias, weights),
+                    actor=f"health-check: {reason}",
                 )
             except Exception as exc:  # the ejection stands in this process regardless
                 log.warning(
@@ -661,7 +662,8 @@ def _epoch(value: float | datetime) -> float:
     return value.timestamp() if isinstance(value, datetime) else float(value)
 
 
-def _set_weights(doc: dict[str, Any], alias: str, weights: dict[str, float]) -> dict[str, Any]:
+def set_route_weights(doc: dict[str, Any], alias: str, weights: dict[str, float]) -> dict[str, Any]:
+    """Set the weights of ``alias``'s rules in a stored document (tags not named keep theirs)."""
     for route in doc.get("routes", []):
         if route.get("model_alias") == alias:
             route["route_rules"] = [

@@ -89,8 +89,13 @@ def _claim(relay: Relay, request: Any) -> GatewayCall | None:
             endpoint, body, choice, headers, exchange, route=route.route, in_app=True
         )
     except RequestRejected as exc:
-        exchange.finish(exc.status, error=exc.code)
-        raise _Refused(exchange, exc) from None
+        raise _refuse(exchange, exc) from None
+
+
+def _refuse(exchange: Exchange, exc: RequestRejected) -> _Refused:
+    """Record a refused call (once) and wrap it for the transport to answer."""
+    exchange.finish(exc.status, error=exc.code)
+    return _Refused(exchange, exc)
 
 
 def _page_request() -> RequestView:
@@ -164,13 +169,6 @@ def transports_for(hx: Any) -> tuple[type[Any], type[Any]]:
         status, headers, body = refused.content()
         return hx.Response(status, headers=headers, content=body)
 
-    def _admit(relay: Relay, call: GatewayCall, admit: Any) -> None:
-        try:
-            admit(call.exchange.admission, _page_request())
-        except RequestRejected as exc:
-            call.exchange.finish(exc.status, error=exc.code)
-            raise _Refused(call.exchange, exc) from None
-
     class _SyncMeteredStream(hx.SyncByteStream):  # type: ignore[misc]
         def __init__(self, inner: Any, meter: _Meter, relay: Relay) -> None:
             self.inner, self.meter, self.relay = inner, meter, relay
@@ -225,7 +223,10 @@ def transports_for(hx: Any) -> tuple[type[Any], type[Any]]:
             try:
                 call = _claim(relay, request)
                 if call is not None and call.exchange.admission is not None:
-                    _admit(relay, call, relay.guard.admit)
+                    try:
+                        relay.guard.admit(call.exchange.admission, _page_request())
+                    except RequestRejected as exc:
+                        raise _refuse(call.exchange, exc) from None
             except _Refused as refused:
                 relay.settle(refused.exchange)
                 return _refusal(refused)
@@ -261,14 +262,11 @@ def transports_for(hx: Any) -> tuple[type[Any], type[Any]]:
                 await request.aread()
             try:
                 call = _claim(relay, request)
-                adm = call.exchange.admission if call is not None else None
-                if adm is not None:
+                if call is not None and call.exchange.admission is not None:
                     try:
-                        await relay.guard.aadmit(adm, _page_request())
+                        await relay.guard.aadmit(call.exchange.admission, _page_request())
                     except RequestRejected as exc:
-                        assert call is not None
-                        call.exchange.finish(exc.status, error=exc.code)
-                        raise _Refused(call.exchange, exc) from None
+                        raise _refuse(call.exchange, exc) from None
             except _Refused as refused:
                 await relay.asettle(refused.exchange)
                 return _refusal(refused)
