@@ -215,6 +215,8 @@ def test_valid_edit_is_served_within_two_seconds(
     assert elapsed < DEADLINE
     assert relay.snapshot.revision == new_revision != first
     assert relay.snapshot.routes[ALIAS].table.shares == {"gpt-v1": 7500, "gpt-v2": 2500}
+    # config_loaded is sent just after the snapshot is swapped: wait for it, don't race it.
+    wait_until(lambda: len(recorder.of("config_loaded", relay)) == 2)
     loaded = recorder.of("config_loaded", relay)
     assert [e["revision"] for e in loaded] == [first, new_revision]
     assert loaded[-1]["source"] == f"file {path}"
