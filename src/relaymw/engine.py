@@ -5,6 +5,7 @@ signals). The ASGI and WSGI adapters only move bytes around it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -19,6 +20,7 @@ import httpx
 import orjson
 
 from relaymw import protocols, signals
+from relaymw.changelog import MemoryJournal, changes_between
 from relaymw.config import (
     Price,
     RelayConfig,
@@ -49,6 +51,7 @@ from relaymw.snapshot import (
     VersionChoice,
 )
 from relaymw.stores import RawDocument, Store, open_store
+from relaymw.stores.base import Journal
 from relaymw.upstream import UpstreamPool
 
 __all__ = [
@@ -210,6 +213,11 @@ class Relay:
         watch: bool = True,
     ) -> None:
         self.store = store
+        self.journal: Journal = (
+            store
+            if isinstance(store, Journal)
+            else MemoryJournal(writable=store is None or store.writable)
+        )
         self.sticky_key = sticky_key
         self.identity = identity
         self.pool = UpstreamPool(upstream_client)
@@ -332,26 +340,49 @@ class Relay:
         change: Callable[[dict[str, Any]], dict[str, Any]],
         retries: int = 5,
         actor: str = "api",
+        action: str = "update",
     ) -> Snapshot:
         """Apply ``change`` to the stored document, validate, save (compare-and-set) and swap.
 
-        Raises :class:`ConfigError` when the result is invalid and ``StoreError`` when the store
-        is read-only or keeps changing under us.
+        Each changed object lands in the change log (:meth:`changes`) under ``actor`` and
+        ``action``. Raises :class:`ConfigError` when the result is invalid and ``StoreError``
+        when the store is read-only or keeps changing under us.
         """
         if self.store is None:
             raise StoreError("this relay has no store to write to")
         for _ in range(retries):
             raw = self.store.load()
-            document = change(parse_document(raw.data, raw.format))
+            before = parse_document(raw.data, raw.format)
+            document = change(copy.deepcopy(before))
             build_config(document)  # raises ConfigError before anything is written
             try:
-                self.store.save(document, expected_revision=raw.revision)
+                revision = self.store.save(document, expected_revision=raw.revision)
             except StoreConflictError:
                 continue
+            entries = changes_between(
+                before, document, actor=actor, action=action, revision=revision
+            )
+            for entry in entries:
+                try:
+                    self.journal.append_change(entry)
+                except StoreError as exc:  # the change stands; say that its record is missing
+                    log.warning("relaymw: could not record a change in the change log: %s", exc)
             # Read back rather than trust our copy: another writer may already have followed.
             self.apply_document(self.store.load(), actor)
             return self._snapshot
         raise StoreError("the configuration kept changing while writing; try again")
+
+    def changes(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The change log, newest first: who changed what, when, before and after."""
+        return self.journal.changes(limit)
+
+    def read_state(self, name: str) -> dict[str, Any] | None:
+        """A small named state kept in the store beside the document (e.g. a rollout's)."""
+        return self.journal.read_state(name)
+
+    def write_state(self, name: str, value: dict[str, Any] | None) -> None:
+        """Keep (or, with ``None``, delete) a named state in the store."""
+        self.journal.write_state(name, value)
 
     # --- one request ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import attrs
 from relaymw.errors import StoreError
 
 __all__ = [
+    "Journal",
     "RawDocument",
     "Store",
     "call_safely",
@@ -64,6 +65,23 @@ class Store(Protocol):
     def save(self, document: dict[str, Any], expected_revision: str | None = None) -> str: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Journal(Protocol):
+    """What a store may keep beside its document: the change log and small named states.
+
+    ``changes`` answers newest first. ``write_state(name, None)`` deletes. A store without
+    these methods gets an in-process journal (see :mod:`relaymw.changelog`).
+    """
+
+    def append_change(self, entry: dict[str, Any]) -> None: ...
+
+    def changes(self, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    def read_state(self, name: str) -> dict[str, Any] | None: ...
+
+    def write_state(self, name: str, value: dict[str, Any] | None) -> None: ...
 
 
 StoreFactory = Callable[[str], Store]

@@ -172,6 +172,60 @@ class FileStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, name))
 
+    # --- the journal: change log and named states, in files beside the document ------------
+
+    @property
+    def changes_path(self) -> str:
+        return self.path + ".changes.jsonl"
+
+    def _state_path(self, name: str) -> str:
+        return os.path.join(self.path + ".state", urllib.parse.quote(name, safe="") + ".json")
+
+    def append_change(self, entry: dict[str, Any]) -> None:
+        line = json.dumps(entry, sort_keys=True).encode() + b"\n"
+        with self._locked():
+            fd = os.open(self.changes_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+    def changes(self, limit: int = 100) -> list[dict[str, Any]]:
+        try:
+            with open(self.changes_path, "rb") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        newest = [json.loads(line) for line in reversed(lines) if line.strip()]
+        return newest[: max(0, limit)]
+
+    def read_state(self, name: str) -> dict[str, Any] | None:
+        try:
+            with open(self._state_path(name), "rb") as f:
+                value = json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def write_state(self, name: str, value: dict[str, Any] | None) -> None:
+        path = self._state_path(name)
+        if value is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(value, sort_keys=True).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
     def close(self) -> None:
         forget_after_fork(self)
         self._stop.set()

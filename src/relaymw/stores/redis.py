@@ -12,10 +12,14 @@ document, so a lost message delays a change by a poll at most. When Redis is unr
 ``on_error`` is called once per outage; the thread reconnects with exponential backoff (0.1 s
 doubling to 2 s) and delivers what changed meanwhile. Commands share one more connection;
 nothing here runs on the request path. A forked worker (``--preload``) gets its own thread.
+
+Beside the document: the change log, a list ``{key}:audit`` (newest first, the last 10,000
+kept), and named states such as a rollout's, ``{key}:state:{name}``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -47,6 +51,7 @@ log = logging.getLogger("relaymw")
 
 DEFAULT_KEY = "relaymw:config"
 _OWN_PARAMS = frozenset(("key", "poll_interval"))
+_CHANGES_KEPT = 10_000
 _TICK = 0.1  # longest wait on the pub/sub socket, so close() is prompt
 _BACKOFF_START = 0.1
 _BACKOFF_CAP = 2.0
@@ -269,6 +274,44 @@ class RedisStore:
                 call_safely(on_change, raw)
         if pubsub is not None:
             pubsub.close()
+
+    # --- the journal: change log and named states, in keys beside the document -------------
+
+    def append_change(self, entry: dict[str, Any]) -> None:
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.lpush(f"{self.key}:audit", json.dumps(entry, sort_keys=True))
+            pipe.ltrim(f"{self.key}:audit", 0, _CHANGES_KEPT - 1)
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreError(f"cannot write the change log of {self._description}: {exc}") from exc
+
+    def changes(self, limit: int = 100) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        try:
+            items = self._redis.lrange(f"{self.key}:audit", 0, limit - 1)
+        except redis.RedisError as exc:
+            raise StoreError(f"cannot read the change log of {self._description}: {exc}") from exc
+        return [json.loads(item) for item in items]
+
+    def read_state(self, name: str) -> dict[str, Any] | None:
+        try:
+            data = self._redis.get(f"{self.key}:state:{name}")
+        except redis.RedisError as exc:
+            raise StoreError(f"cannot read state {name!r} of {self._description}: {exc}") from exc
+        value = None if data is None else json.loads(data)
+        return value if isinstance(value, dict) else None
+
+    def write_state(self, name: str, value: dict[str, Any] | None) -> None:
+        key = f"{self.key}:state:{name}"
+        try:
+            if value is None:
+                self._redis.delete(key)
+            else:
+                self._redis.set(key, json.dumps(value, sort_keys=True))
+        except redis.RedisError as exc:
+            raise StoreError(f"cannot write state {name!r} of {self._description}: {exc}") from exc
 
     def close(self) -> None:
         self._stop.set()
