@@ -5,7 +5,9 @@ and sets ``handler`` to a function taking the parsed arguments and returning an 
 add new commands to :data:`COMMANDS`. ``main`` returns the exit code instead of exiting so
 that tests and embedding code can call it in-process.
 
-Exit codes: 0 success, 1 an unexpected failure, 2 bad usage or an invalid configuration.
+Exit codes: 0 success, 1 an unexpected failure, 2 bad usage or an invalid configuration;
+``rollout`` adds 3 (rolled back), 4 (stopped by someone else's weight change) and 130
+(interrupted, state kept): see :mod:`relaymw.release_cli`.
 """
 
 from __future__ import annotations
@@ -334,6 +336,14 @@ def _add_serve(sub: SubParsers) -> None:
     p.add_argument("--config", metavar="FILE|URI", help="a settings file or store URI")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help="also serve the version-control API under /admin with this bearer token "
+        "(default: $RELAYMW_ADMIN_TOKEN; name several with "
+        "$RELAYMW_ADMIN_TOKENS='alice=TOKEN,ci=TOKEN'); prefer the environment, "
+        "a command line shows in ps",
+    )
     p.set_defaults(handler=_cmd_serve)
 
 
@@ -342,7 +352,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from relaymw.serve import serve
 
     try:
-        serve(args.config, args.host, args.port)
+        serve(args.config, args.host, args.port, admin_token=args.admin_token)
     except RelayError as exc:
         print(f"relaymw: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -354,8 +364,9 @@ def _add_demo(sub: SubParsers) -> None:
         "demo",
         help="a whole 5→25→50→100%% rollout on a local FakeLLM, in under a minute",
         description="FakeLLM, an app with the middleware and simulated users, while the "
-        "canary is ramped 5 → 25 → 50 → 100%% through the config store; a live table shows "
-        "each version's requests, error rate, latency and cost.",
+        "rollout controller (as `relaymw rollout` runs it) ramps the canary 5 → 25 → 50 → "
+        "100% through the config store, analysing each stage; a live table shows each "
+        "version's requests, error rate, latency and cost.",
     )
     p.add_argument("--users", type=_positive_int, default=40, help="simulated users")
     p.add_argument(
@@ -372,6 +383,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- operating a release: status, set-weights, rollback, rollout --------------------------------
+# Defined in relaymw.release_cli, imported when the parser is built (that module imports this
+# one's helpers).
+
+
+def _add_status(sub: SubParsers) -> None:
+    from relaymw.release_cli import add_status
+
+    add_status(sub)
+
+
+def _add_set_weights(sub: SubParsers) -> None:
+    from relaymw.release_cli import add_set_weights
+
+    add_set_weights(sub)
+
+
+def _add_rollback(sub: SubParsers) -> None:
+    from relaymw.release_cli import add_rollback
+
+    add_rollback(sub)
+
+
+def _add_rollout(sub: SubParsers) -> None:
+    from relaymw.release_cli import add_rollout
+
+    add_rollout(sub)
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 COMMANDS: list[Callable[[SubParsers], None]] = [
@@ -379,6 +419,10 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     _add_simulate,
     _add_serve,
     _add_demo,
+    _add_status,
+    _add_set_weights,
+    _add_rollback,
+    _add_rollout,
 ]
 
 

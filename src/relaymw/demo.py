@@ -3,8 +3,10 @@
 A FakeLLM plays the provider; an app with the middleware serves it on the embedded default
 configuration (copied to a temp file store, so every weight change goes through the store
 and its hot reload); simulated API users, each with a stable ``x-user-id``, call the gateway
-while the canary is ramped 5 → 25 → 50 → 100 %. A live table shows each version's traffic,
-error rate, latency and cost; the summary checks that users who had the canary kept it.
+while the rollout controller (:mod:`relaymw.rollout`, as ``relaymw rollout`` runs it) ramps
+the canary 5 → 25 → 50 → 100 %, analysing each stage before the next. A live table shows
+each version's traffic, error rate, latency and cost; the summary checks that users who had
+the canary kept it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import shutil
 import statistics
 import tempfile
 import threading
-import time
 from collections import defaultdict
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -26,7 +28,9 @@ import aiohttp
 import attrs
 
 from relaymw import signals
-from relaymw.engine import Relay, default_config_path, set_route_weights
+from relaymw.control import RelayControl
+from relaymw.engine import Relay, default_config_path
+from relaymw.rollout import Analysis, Criteria, Plan, Reporter, RolloutController, RolloutState
 from relaymw.serve import local_upstream
 from relaymw.stores import FileStore
 
@@ -34,7 +38,8 @@ __all__ = ["run_demo"]
 
 ALIAS = "chat-production"
 STABLE, CANARY = "gpt-4.1-v1", "gpt-4.1-v2"
-STAGES = (5, 25, 50, 100)
+STAGES = (5.0, 25.0, 50.0, 100.0)
+DEMO_CRITERIA = Criteria(max_error_rate=0.25, min_requests=0)
 
 
 @attrs.define
@@ -114,10 +119,61 @@ def _table(collector: Collector, weights: dict[str, float], title: str) -> Any:
     return table
 
 
-def _set_weights(relay: Relay, canary: float) -> dict[str, float]:
-    weights = {STABLE: 100 - canary, CANARY: canary}
-    relay.update_document(lambda doc: set_route_weights(doc, ALIAS, weights), actor="demo")
-    return weights
+class DemoReporter(Reporter):
+    """Follows the controller: each stage's figures in the collector, one line per stage
+    (with whether the users who had the canary kept it), and the table's title."""
+
+    def __init__(self, collector: Collector, seen: dict[str, list[str]], live: bool) -> None:
+        self.collector, self.seen, self.live = collector, seen, live
+        self.lines: list[str] = []
+        self.weights: dict[str, float] = {}
+        self.title = f"relaymw demo: {ALIAS}"
+        self._canary_users: set[str] = set()
+        self._weight = 0.0
+
+    def stage_started(self, state: RolloutState, weights: Mapping[str, float]) -> None:
+        with self.collector.lock:
+            self.collector.stage = state.stage_index
+        self.weights, self._weight = dict(weights), state.weight
+        self.title = f"relaymw demo: {ALIAS}, canary {CANARY} at {state.weight:g}%"
+
+    def analysed(self, state: RolloutState, analysis: Analysis) -> None:
+        if analysis.outcome == "pass":
+            self._stage_line("analysis passed: " + "; ".join(analysis.reasons))
+        else:
+            self.title = f"{self.title.split(' (')[0]} (holding)"
+
+    def finished(self, state: RolloutState, analysis: Analysis | None) -> None:
+        if state.status != "succeeded":
+            self._stage_line(f"rollout {state.status}: {state.reason}")
+
+    def _stage_line(self, verdict: str) -> None:
+        now_on_canary = {u for u, v in self.seen.items() if v and v[-1] == CANARY}
+        kept = len(self._canary_users & now_on_canary)
+        c = self.collector
+        with c.lock:
+            got = c.stats[c.stage]
+            total = sum(s.requests for s in got.values()) or 1
+            share = got[CANARY].requests / total
+            errors = sum(s.errors for s in got.values())
+            cost = sum((s.cost for s in got.values()), Decimal(0))
+        self.lines.append(
+            f"stage {self._weight:>3g}%: {total:5d} requests, canary share {share:6.1%}, "
+            f"errors {errors}, cost ${cost:.4f}, canary users kept "
+            f"{kept}/{len(self._canary_users)}; {verdict}"
+        )
+        if not self.live:
+            print(self.lines[-1], flush=True)
+        self._canary_users = now_on_canary
+
+
+async def _run_rollout(controller: RolloutController) -> None:
+    """The controller's steps on this event loop, so the simulated users keep going."""
+    while True:
+        delay = controller.step()
+        if delay is None:
+            return
+        await asyncio.sleep(delay)
 
 
 async def _drive(relay: Relay, url: str, users: int, stage_seconds: float, live: bool) -> str:
@@ -125,49 +181,33 @@ async def _drive(relay: Relay, url: str, users: int, stage_seconds: float, live:
     signals.request_finished.connect(collector)
     seen: dict[str, list[str]] = defaultdict(list)
     stop = asyncio.Event()
-    lines: list[str] = []
     session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
     tasks = [
         asyncio.ensure_future(_user(session, url, f"user-{i}", seen, stop)) for i in range(users)
     ]
-    canary_users_before: set[str] = set()
+    reporter = DemoReporter(collector, seen, live)
+    # A few simulated users put only a handful of requests on a 5% canary in a short
+    # stage, so the demo needs no minimum; the error limit allows for its 1% flakiness.
+    plan = Plan(ALIAS, CANARY, STAGES, stage_seconds, DEMO_CRITERIA)
+    controller = RolloutController(RelayControl(relay), plan, reporter, reset=True)
     try:
-        for stage, canary in enumerate(STAGES):
-            collector.stage = stage
-            weights = _set_weights(relay, canary)
-            title = f"relaymw demo: {ALIAS}, canary {CANARY} at {canary}%"
-            deadline = time.monotonic() + stage_seconds
-            if live:
-                from rich.live import Live
+        controller.start()
+        if live:
+            from rich.live import Live
 
-                with Live(_table(collector, weights, title), refresh_per_second=4) as view:
-                    while time.monotonic() < deadline:
-                        await asyncio.sleep(0.25)
-                        view.update(_table(collector, weights, title))
-            else:
-                await asyncio.sleep(stage_seconds)
-            now_on_canary = {u for u, v in seen.items() if v and v[-1] == CANARY}
-            kept = len(canary_users_before & now_on_canary)
-            with collector.lock:
-                got = collector.stats[stage]
-                total = sum(s.requests for s in got.values()) or 1
-                share = got[CANARY].requests / total
-                errors = sum(s.errors for s in got.values())
-                cost = sum((s.cost for s in got.values()), Decimal(0))
-            lines.append(
-                f"stage {canary:>3}%: {total:5d} requests, canary share {share:6.1%}, "
-                f"errors {errors}, cost ${cost:.4f}, canary users kept "
-                f"{kept}/{len(canary_users_before)}"
-            )
-            if not live:
-                print(lines[-1], flush=True)
-            canary_users_before = now_on_canary
+            def view() -> Any:
+                return _table(collector, reporter.weights, reporter.title)
+
+            with Live(get_renderable=view, refresh_per_second=4):
+                await _run_rollout(controller)
+        else:
+            await _run_rollout(controller)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await session.close()
         signals.request_finished.disconnect(collector)
-    return "\n".join(lines)
+    return "\n".join(reporter.lines)
 
 
 def run_demo(users: int = 40, stage_seconds: float = 10.0, live: bool | None = None) -> str:
@@ -182,6 +222,10 @@ def run_demo(users: int = 40, stage_seconds: float = 10.0, live: bool | None = N
         fake.set("gpt-4.1-mini", latency_ms=35, chunk_delay_ms=2, error_rate=0.01, status=503)
         path = os.path.join(tmp, "relay.toml")
         shutil.copyfile(default_config_path(), path)
+        with open(path, "a") as f:
+            # A stage's figures are counted in whole metric buckets: short stages want
+            # short buckets, or each stage's analysis would include the one before.
+            f.write("\n[metrics]\nbucket_seconds = 1\n")
         relay = Relay.from_store(FileStore(path, poll_interval=0.1))
         try:
             with serve_asgi(demo_app(relay)) as url:

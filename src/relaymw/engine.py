@@ -200,6 +200,8 @@ class Relay:
     Build it from a store (``Relay.from_store("relay.toml")``), from a config mapping or
     :class:`RelayConfig`, or with no argument for the embedded default configuration.
     ``sticky_key`` and ``identity`` are callables used where the config says ``"callable"``.
+    ``watch=False`` does not follow the store's changes; ``health=False`` runs no health
+    checks, for a process that only reads and edits the configuration (the CLI).
     """
 
     def __init__(
@@ -211,6 +213,7 @@ class Relay:
         identity: KeyFunction | None = None,
         upstream_client: Literal["aiohttp", "httpx"] = "aiohttp",
         watch: bool = True,
+        health: bool = True,
     ) -> None:
         self.store = store
         self.journal: Journal = (
@@ -243,6 +246,7 @@ class Relay:
         self._stage_started = dict.fromkeys(snapshot.routes, time.time())
         self._health = HealthChecker(self._metrics)
         self._stop_health: Callable[[], None] | None = None
+        self._run_health = health
         self._start_health(snapshot)
         signals.send(
             signals.config_loaded,
@@ -370,7 +374,7 @@ class Relay:
             # Read back rather than trust our copy: another writer may already have followed.
             self.apply_document(self.store.load(), actor)
             return self._snapshot
-        raise StoreError("the configuration kept changing while writing; try again")
+        raise StoreConflictError("the configuration kept changing while writing; try again")
 
     def changes(self, limit: int = 100) -> list[dict[str, Any]]:
         """The change log, newest first: who changed what, when, before and after."""
@@ -383,6 +387,14 @@ class Relay:
     def write_state(self, name: str, value: dict[str, Any] | None) -> None:
         """Keep (or, with ``None``, delete) a named state in the store."""
         self.journal.write_state(name, value)
+
+    def admin_app(
+        self, token: str | None = None, tokens: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> Any:
+        """The version-control API (SPEC §7) as a Starlette app to mount in your service."""
+        from relaymw.admin import create_admin_app
+
+        return create_admin_app(self, token=token, tokens=tokens, **kwargs)
 
     # --- one request ------------------------------------------------------------------------
 
@@ -580,7 +592,10 @@ class Relay:
 
     def _start_health(self, snapshot: Snapshot) -> None:
         """Evaluate health checks in a thread, so no request waits on a window query."""
-        wanted = any(r.route.health_check.enabled for r in snapshot.routes.values())
+        # A relay that only reads and writes the configuration (the CLI) must not eject.
+        wanted = self._run_health and any(
+            r.route.health_check.enabled for r in snapshot.routes.values()
+        )
         if wanted and self._stop_health is None:
             self._stop_health = self._health.run_in_background(self._health_routes, self._on_health)
         elif not wanted and self._stop_health is not None:
