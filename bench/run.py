@@ -1,7 +1,10 @@
-"""Run benchmarks: ``python bench/run.py [NAME ...]`` (all of ``bench/bench_*.py`` by default).
+"""Run benchmarks: ``python bench/run.py [NAME ...] [OPTION ...]`` (all of ``bench/bench_*.py``
+by default).
 
 A name is the module's name without ``bench_`` (``routing`` runs ``bench/bench_routing.py``).
-Each module exposes ``main() -> None`` and prints its own figures.
+Each module exposes ``main() -> None`` and prints its own figures. Everything from the first
+argument that starts with ``-`` is left to the modules, which read ``sys.argv``:
+``python bench/run.py sidebyside --quick``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ def run(name: str, path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     found = available()
-    names = [n.removeprefix("bench_").removesuffix(".py") for n in argv] or list(found)
+    options = next((i for i, arg in enumerate(argv) if arg.startswith("-")), len(argv))
+    names = [n.removeprefix("bench_").removesuffix(".py") for n in argv[:options]] or list(found)
     unknown = [n for n in names if n not in found]
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(found)}")

@@ -1,0 +1,618 @@
+"""What the end-to-end benchmarks share: the processes, the requests, one measurement loop.
+
+A run starts FakeLLM and the apps under test (``bench/servers.py``), each its own process
+pinned to CPU 0, and the closed-loop load generator (``bench/loadgen.py``) pinned to CPU 1.
+A *cell* (target, mode, concurrency) gets fresh connections, a warm-up, then a measurement
+window; :func:`measure` runs every cell ``reps`` times, shuffled in each repetition, and
+re-runs a cell during which other processes took one of our CPUs. ``bench_relay.py``,
+``bench_sidebyside.py`` and ``soak.py`` are built on it; ``bench/machine.py`` reads the
+machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, NamedTuple
+
+from machine import (
+    LOAD_CPU,
+    SERVER_CPU,
+    load_average,
+    redis_pid,
+    wait_quiet,
+)
+
+HERE = Path(__file__).resolve().parent
+# A cell during which other processes used more than this % of one of our CPUs is re-run
+# (twice at most, within a time budget).
+MAX_OTHER_PCT = 10.0
+CHUNKS = 8  # streamed content deltas per FakeLLM answer (no delay between them)
+CLIENT_KEY = "sk-bench-client"
+# Request variants: each its own x-user-id (the sticky key) and API key (the rate-limit
+# identity), so that limits and routing see many users, as a service does.
+USERS = 1024
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def chat_body(model: str, stream: bool) -> str:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a haiku about load balancers."}],
+        "max_tokens": 64,
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":"))
+
+
+def http_request(port: int, path: str, body: str, user: int = 0) -> str:
+    """One raw HTTP/1.1 POST as ``user`` (its x-user-id and API key)."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nAccept: */*\r\n"
+        f"Authorization: Bearer {CLIENT_KEY}-{user}\r\nX-User-Id: user-{user}\r\n"
+        f"Content-Length: {len(body.encode())}\r\n\r\n{body}"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class Target(NamedTuple):
+    name: str
+    server: str  # "fakellm" or a key of servers.APPS
+    path: str
+    model: str
+    modes: tuple[str, ...]
+    relay: bool  # the measured process is a relay or an app (False: FakeLLM itself)
+    through_fake: bool = True  # the load reaches FakeLLM (its CPU per request means something)
+    expect_headers: tuple[str, ...] = ()  # on every answer
+    forbid_headers: tuple[str, ...] = ()
+    uses_redis: bool = False  # its guards use Redis: Redis's CPU per request is reported
+    answer_contains: bytes = b""  # e.g. the model FakeLLM must have been asked for
+
+    @property
+    def passthrough(self) -> bool:
+        return not self.through_fake
+
+
+class Sample(NamedTuple):
+    rps: float
+    p50: float  # ms
+    p99: float
+    ttfb50: float
+    relay_us: float | None  # CPU µs per request of the relay (or app) process
+    fake_us: float | None  # CPU µs per request of FakeLLM
+    redis_us: float | None  # CPU µs per request of redis-server
+    gen_pct: float  # the generator's CPU use, % of its core
+    errors: int
+    # CPU time of other processes (or steal) on the servers' CPU and on the generator's
+    other0: float
+    other1: float
+    n: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def other_pct(self) -> float:
+        return max(self.other0, self.other1)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Bench:
+    """The server processes and the load generator process of one run."""
+
+    def __init__(
+        self,
+        logdir: Path,
+        pinned: bool = True,
+        nice: int = 0,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        self.logdir = logdir
+        self.pinned = pinned
+        self.nice = nice
+        self.settings = dict(settings or {})
+        self.servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        self.load: subprocess.Popen[str] | None = None
+        self.redis = redis_pid()
+
+    def _child_args(self, script: str, cpu: int) -> list[str]:
+        args = [sys.executable, str(HERE / script)]
+        if self.pinned:
+            args += ["--cpu", str(cpu)]
+        if self.nice:
+            args += ["--nice", str(self.nice)]
+        return args
+
+    def _spawn_server(self, name: str, upstream: str) -> None:
+        port = free_port()
+        log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        args = [*self._child_args("servers.py", SERVER_CPU), name, "--port", str(port)]
+        args += ["--upstream", upstream, "--settings", json.dumps(self.settings)]
+        try:
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            log.close()
+        self.servers[name] = (proc, port)
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server {name} exited at start:\n{self.log_tail(name)}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server {name} did not listen in time:\n{self.log_tail(name)}")
+            time.sleep(0.05)
+
+    def log_tail(self, name: str) -> str:
+        try:
+            return (self.logdir / f"{name}.log").read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def start(self, servers: Sequence[str]) -> None:
+        self._spawn_server("fakellm", "")
+        fake = f"http://127.0.0.1:{self.servers['fakellm'][1]}"
+        for name in servers:
+            self._spawn_server(name, fake)
+        self.load = subprocess.Popen(
+            self._child_args("loadgen.py", LOAD_CPU),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        procs: list[subprocess.Popen[Any]] = [p for p, _ in self.servers.values()]
+        if self.load is not None:
+            with contextlib.suppress(OSError):
+                assert self.load.stdin is not None
+                self.load.stdin.close()
+            procs.append(self.load)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 5
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.load is not None and self.load.stdout is not None:
+            self.load.stdout.close()
+        self.servers.clear()
+        self.load = None
+
+    def pid(self, server: str) -> int:
+        return self.servers[server][0].pid
+
+    def get(self, server: str, path: str) -> str:
+        """``GET path`` from one of the servers; the body as text (raises unless 200)."""
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.servers[server][1], timeout=10)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            data = resp.read().decode(errors="replace")
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise RuntimeError(f"GET {path} from {server}: {resp.status} {data[:200]}")
+        return data
+
+    def requests_for(self, target: Target, mode: str) -> list[str]:
+        port = self.servers[target.server][1]
+        body = chat_body(target.model, mode == "stream")
+        return [http_request(port, target.path, body, user) for user in range(USERS)]
+
+    def check(self, target: Target, mode: str) -> None:
+        """One request through the target, checked, before any load: a broken relay must not
+        produce fast figures."""
+        import http.client
+
+        _, port = self.servers[target.server]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request(
+                "POST",
+                target.path,
+                chat_body(target.model, mode == "stream"),
+                {
+                    "Content-Type": "application/json",
+                    "Authorization": f"Bearer {CLIENT_KEY}-0",
+                    "X-User-Id": "user-0",
+                },
+            )
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        problems = []
+        if resp.status != 200:
+            problems.append(f"status {resp.status}")
+        if target.passthrough:
+            if b'"ok":true' not in data:
+                problems.append("not the app's answer")
+        elif mode == "stream":
+            if not (resp.getheader("content-type") or "").startswith("text/event-stream"):
+                problems.append("not an event stream")
+            if data.count(b"data: ") < CHUNKS or b"data: [DONE]" not in data:
+                problems.append("incomplete stream")
+        elif b'"choices"' not in data:
+            problems.append("not a chat completion")
+        if target.answer_contains not in data:
+            problems.append(f"the answer lacks {target.answer_contains!r}")
+        problems += [f"no {h}" for h in target.expect_headers if not resp.getheader(h)]
+        problems += [f"unexpected {h}" for h in target.forbid_headers if resp.getheader(h)]
+        if problems:
+            raise RuntimeError(
+                f"{target.name} {mode}: {', '.join(problems)}: {data[:300]!r}\n"
+                f"{self.log_tail(target.server)}"
+            )
+
+    def run(self, target: Target, mode: str, c: int, warmup: float, duration: float) -> Sample:
+        """One measured cell: ``duration`` seconds after ``warmup``."""
+        requests = self.requests_for(target, mode)
+        cmd = {"warmup": warmup, "duration": duration}
+        return self.drive(target, requests, c, cmd, timeout=warmup + duration + 60)
+
+    def drive(
+        self,
+        target: Target,
+        requests: Sequence[str],
+        c: int,
+        window: Mapping[str, Any],
+        timeout: float,
+    ) -> Sample:
+        """Send ``requests`` (cycled) over ``c`` connections; ``window`` is ``warmup`` +
+        ``duration`` seconds, or ``count`` responses."""
+        assert self.load is not None and self.load.stdin is not None
+        assert self.load.stdout is not None
+        for name, (proc, _) in self.servers.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"server {name} died:\n{self.log_tail(name)}")
+        pids = {"fake": self.pid("fakellm")}
+        if target.relay:
+            pids["relay"] = self.pid(target.server)
+        if target.uses_redis and self.redis is not None:
+            pids["redis"] = self.redis
+        cmd = {
+            "port": self.servers[target.server][1],
+            "requests": list(requests),
+            "c": c,
+            "pids": pids,
+            "servers": [proc.pid for proc, _ in self.servers.values()],
+            **window,
+        }
+        self.load.stdin.write(json.dumps(cmd) + "\n")
+        self.load.stdin.flush()
+        ready, _, _ = select.select([self.load.stdout], [], [], timeout)
+        line = self.load.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError("the load generator did not answer")
+        result = json.loads(line)
+        if "failed" in result:
+            raise RuntimeError(f"load generator: {result['failed']}")
+        return self._sample(target, result)
+
+    def _sample(self, target: Target, result: dict[str, Any]) -> Sample:
+        n, elapsed, cpu = result["n"], result["elapsed"], result["cpu"]
+        per_request = 1e6 / n if n else float("nan")
+
+        def us(name: str) -> float | None:
+            return cpu[name] * per_request if name in cpu else None
+
+        busy = {int(k): v for k, v in result["busy"].items()}
+        other0 = other1 = 0.0
+        if self.pinned:
+            other0 = busy.get(SERVER_CPU, 0.0) - result["servers_cpu"]
+            other1 = busy.get(LOAD_CPU, 0.0) - result["gen_cpu"]
+            # Redis is not pinned: its time is ours, taken first from the generator's CPU,
+            # where the scheduler finds room for it (the servers' CPU is saturated).
+            redis = cpu.get("redis", 0.0)
+            taken = min(redis, max(other1, 0.0))
+            other1 -= taken
+            other0 -= redis - taken
+        return Sample(
+            rps=n / elapsed,
+            p50=result["latency"][0] * 1000,
+            p99=result["latency"][1] * 1000,
+            ttfb50=result["ttfb"][0] * 1000,
+            relay_us=us("relay"),
+            fake_us=us("fake") if target.through_fake else None,
+            redis_us=us("redis"),
+            gen_pct=100 * result["gen_cpu"] / elapsed,
+            errors=sum(result["errors"].values()),
+            other0=max(0.0, 100 * other0 / elapsed),
+            other1=max(0.0, 100 * other1 / elapsed),
+            n=n,
+            elapsed=elapsed,
+        )
+
+
+# --------------------------------------------------------------------------- measurement
+
+Cell = tuple[str, str, int]  # target, mode, concurrency
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def sample_line(sample: Sample) -> str:
+    return (
+        f"{sample.rps:8.0f} req/s  p50 {sample.p50:6.2f} ms  "
+        f"relay {fmt(sample.relay_us, 0):>4} µs/req  gen {sample.gen_pct:3.0f}%"
+        + (f"  {sample.errors} errors" if sample.errors else "")
+        + (f"  other {sample.other0:.0f}%/{sample.other1:.0f}%" if sample.other_pct >= 1 else "")
+    )
+
+
+def measure(
+    bench: Bench,
+    targets: Sequence[Target],
+    cells: Sequence[Cell],
+    reps: int,
+    warmup: float,
+    duration: float,
+    seed: int,
+    rerun_budget: float = 0.3,
+    on_ready: Callable[[Bench], None] | None = None,
+) -> tuple[dict[Cell, list[Sample]], int]:
+    """Run every cell ``reps`` times, shuffled per repetition; the servers always stop.
+
+    A cell during which other processes took more than :data:`MAX_OTHER_PCT` of one of our
+    CPUs is run again (twice at most) and the cleanest attempt kept; re-runs and waits for a
+    quiet machine may add ``rerun_budget`` x the planned time. ``on_ready`` runs once every
+    target answered its check, before the load."""
+    samples: dict[Cell, list[Sample]] = {cell: [] for cell in cells}
+    by_name = {t.name: t for t in targets}
+    retries = 0
+    previous_affinity = os.sched_getaffinity(0) if bench.pinned else None
+    try:
+        if bench.pinned:
+            os.sched_setaffinity(0, {LOAD_CPU})  # keep the orchestrator off the servers' CPU
+        bench.start(sorted({t.server for t in targets} - {"fakellm"}))
+        for t in targets:
+            for mode in t.modes:
+                bench.check(t, mode)
+        if on_ready is not None:
+            on_ready(bench)
+        rng = random.Random(seed)
+        per_cell = warmup + duration + 0.3
+        wait_quiet(min(60.0, len(cells) * reps * per_cell * 0.1), verbose=True)
+        budget = len(cells) * reps * per_cell * rerun_budget
+        for rep in range(reps):
+            order = list(cells)
+            rng.shuffle(order)
+            for i, cell in enumerate(order, 1):
+                target, mode, c = cell
+                tries = [bench.run(by_name[target], mode, c, warmup, duration)]
+                while (
+                    tries[-1].other_pct > MAX_OTHER_PCT
+                    and len(tries) < 3
+                    and budget > per_cell + 1.0
+                ):
+                    retries += 1
+                    spent = time.monotonic()
+                    wait_quiet(min(5.0, budget - per_cell - 1.0))
+                    tries.append(bench.run(by_name[target], mode, c, warmup, duration))
+                    budget -= time.monotonic() - spent
+                sample = min(tries, key=lambda s: s.other_pct)
+                samples[cell].append(sample)
+                print(
+                    f"  rep {rep + 1}/{reps} [{i:2}/{len(order)}] {target:<20} {mode:<6} "
+                    f"c={c:<3} {sample_line(sample)}"
+                    + (f"  ({len(tries)} tries)" if len(tries) > 1 else ""),
+                    flush=True,
+                )
+    finally:
+        bench.stop()
+        if previous_affinity is not None:
+            os.sched_setaffinity(0, previous_affinity)
+    return samples, retries
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(present) if present else None
+
+
+def summarize(samples: Sequence[Sample]) -> dict[str, float | None]:
+    """Medians over repetitions; ``spread`` is half the req/s range, % of the median."""
+    rps = [s.rps for s in samples]
+    med = statistics.median(rps)
+    return {
+        "rps": med,
+        "spread": 100 * (max(rps) - min(rps)) / 2 / med if med else None,
+        "p50": _median([s.p50 for s in samples]),
+        "p99": _median([s.p99 for s in samples]),
+        "ttfb50": _median([s.ttfb50 for s in samples]),
+        "relay_us": _median([s.relay_us for s in samples]),
+        "fake_us": _median([s.fake_us for s in samples]),
+        "redis_us": _median([s.redis_us for s in samples]),
+        "gen_pct": max(s.gen_pct for s in samples),
+        "errors": float(sum(s.errors for s in samples)),
+        "other0": max(s.other0 for s in samples),
+        "other1": max(s.other1 for s in samples),
+    }
+
+
+def run_notes(results: Mapping[Cell, Mapping[str, float | None]], retries: int) -> list[str]:
+    """Whether the load generator could have been the limit; how much other work ran."""
+    gen_max = max((r["gen_pct"] or 0.0) for r in results.values())
+    other_max = max(max(r["other0"] or 0.0, r["other1"] or 0.0) for r in results.values())
+    return [
+        f"load generator CPU at most {gen_max:.0f}% of its core"
+        + (" (below 90%: not the bottleneck)" if gen_max < 90 else " (≥ 90%: MAY BE THE LIMIT)"),
+        f"other processes used at most {other_max:.0f}% of CPU 0 or 1 during a kept sample; "
+        f"{retries} sample(s) re-run because another process took > {MAX_OTHER_PCT:g}%; "
+        f"load average (1 / 5 / 15 min) at the end {load_average()}",
+    ]
+
+
+def ratio(a: float | None, b: float | None, missing: float = 0.0) -> float:
+    return a / b if a and b else missing
+
+
+def quick_requested() -> bool:
+    return os.environ.get("RELAYMW_BENCH_QUICK", "") not in ("", "0")
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+def redis_client(storage: str) -> Any:
+    """A client of the guards' storage when it is Redis (pinged: raises when down), else None."""
+    if not storage.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(storage, socket_connect_timeout=1.0)
+    client.ping()
+    return client
+
+
+def verify_redis(storage: str, prefix: str) -> None:
+    """Once requests went through: rate limits and budgets keep their state on Redis (a
+    relay that fell back to memory would measure something else)."""
+    client = redis_client(storage)
+    if client is None:
+        return
+    missing = [
+        what
+        for what, pattern in (("budget", f"{prefix}:budget*"), ("rate limit", "relaymw:limits*"))
+        if next(iter(client.scan_iter(match=pattern, count=1000)), None) is None
+    ]
+    if missing:
+        raise RuntimeError(f"no {' or '.join(missing)} keys on {storage}: guards not on Redis?")
+
+
+def remove_keys(storage: str, prefix: str) -> None:
+    """Delete this run's keys (the budget's; rate-limit windows expire by themselves)."""
+    client = redis_client(storage)
+    if client is not None:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def run_options(
+    prog: str, description: str, levels: Sequence[int], targets: Sequence[Target]
+) -> argparse.ArgumentParser:
+    """The options every end-to-end benchmark takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--quick", action="store_true", help="1 repetition, short windows")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
+    parser.add_argument("--warmup", type=float, default=None, help="seconds per cell")
+    parser.add_argument("--duration", type=float, default=None, help="measured seconds per cell")
+    parser.add_argument(
+        "--concurrency", type=_ints, default=list(levels), help="levels, e.g. 1,16,64"
+    )
+    parser.add_argument(
+        "--targets", default=",".join(t.name for t in targets), help="(default: %(default)s)"
+    )
+    parser.add_argument("--modes", default="json,stream", help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=None, help="shuffle seed (default: random)")
+    parser.add_argument("--output", default=None, help="markdown file; '-' for none")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the servers and the load generator N nice levels above normal priority "
+        "(needs root; on a shared machine it keeps other work from skewing the figures, and "
+        "slows that work down meanwhile)",
+    )
+    parser.set_defaults(default_levels=list(levels), default_targets=[t.name for t in targets])
+    return parser
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    args, unknown = parser.parse_known_args(argv)
+    # Through bench/run.py, argv holds the runner's benchmark names: ignore positionals.
+    options = [u for u in unknown if u.startswith("-")]
+    if options:
+        parser.error(f"unrecognized arguments: {' '.join(options)}")
+    args.quick = args.quick or quick_requested()
+    unknown_targets = set(args.targets.split(",")) - set(args.default_targets)
+    if unknown_targets:
+        parser.error(f"unknown target(s) {', '.join(sorted(unknown_targets))}")
+    return args
+
+
+def command_options(args: argparse.Namespace) -> list[str]:
+    """The options of this run, to print with its results."""
+    out = ["--quick"] if args.quick else []
+    for name in ("reps", "warmup", "duration", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            out += [f"--{name}", str(value)]
+    if args.concurrency != args.default_levels:
+        out += ["--concurrency", ",".join(map(str, args.concurrency))]
+    if args.targets != ",".join(args.default_targets):
+        out += ["--targets", args.targets]
+    if args.modes != "json,stream":
+        out += ["--modes", args.modes]
+    if args.nice:
+        out += ["--nice", str(args.nice)]
+    if args.no_pin:
+        out.append("--no-pin")
+    return out
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C so that the servers are always stopped."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
