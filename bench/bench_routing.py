@@ -9,7 +9,17 @@ percentiles are over batch means. The garbage collector is off while timing, as 
 ``timeit``. A bare weighted choice (``random`` + ``bisect``) timed the same way in the same
 run is the baseline the ratios are taken against.
 
-Run: ``python bench/run.py routing`` (or ``tox -e bench -- routing``).
+The cases take turns batch by batch, so on a shared machine every case sees the same load
+and the ratios stay comparable. Each batch is also timed with ``time.thread_time_ns`` (CPU
+time of this thread: time spent descheduled by other processes is not counted), printed as
+the last column.
+
+A ``Set-Cookie`` value is signed once per second and tag (every request in that second gets
+the same value); the *afresh* rows give every call a new second, so they pay for the
+signature each time: the cost when requests are rarer than one per second per version.
+
+Run: ``python bench/run.py routing`` (or ``tox -e bench -- routing``). Instruction counts of
+the same cases, which no other load disturbs: ``python bench/routing_instructions.py --all``.
 """
 
 from __future__ import annotations
@@ -112,23 +122,27 @@ def scope(user: int, cookie: str | None) -> dict[str, Any]:
     }
 
 
-def measure(case: Case) -> list[float]:
-    """Per-call µs of each batch of ``BATCH`` calls, ``BATCHES`` batches after warm-up."""
-    perf = time.perf_counter_ns
-    call = case.call
-    for _ in range(WARMUP):
-        for arg in case.prepare():
-            call(arg)
-    out = []
+def measure(cases: Sequence[Case]) -> list[tuple[list[float], list[float]]]:
+    """Per-call wall and CPU µs of each batch of ``BATCH`` calls, for every case: ``BATCHES``
+    rounds after warm-up, each round one batch of every case in turn."""
+    perf, cpu = time.perf_counter_ns, time.thread_time_ns
+    for case in cases:
+        for _ in range(WARMUP):
+            for arg in case.prepare():
+                case.call(arg)
+    out: list[tuple[list[float], list[float]]] = [([], []) for _ in cases]
     enabled = gc.isenabled()
     gc.disable()
     try:
         for _ in range(BATCHES):
-            args = case.prepare()
-            start = perf()
-            for arg in args:
-                call(arg)
-            out.append((perf() - start) / len(args) / 1000)
+            for case, (wall, used) in zip(cases, out, strict=True):
+                call, args = case.call, case.prepare()
+                start, start_cpu = perf(), cpu()
+                for arg in args:
+                    call(arg)
+                end_cpu, end = cpu(), perf()
+                wall.append((end - start) / len(args) / 1000)
+                used.append((end_cpu - start_cpu) / len(args) / 1000)
     finally:
         if enabled:
             gc.enable()
@@ -176,6 +190,13 @@ def cases() -> list[Case]:
     def choose(route: CompiledRoute) -> Call:
         return lambda view: snap.choose(route, view)
 
+    sticky = keyed.sticky
+    assert sticky is not None
+    second = iter(range(expires, 1 << 62))  # a new second for every call: no reuse
+
+    def afresh(route: CompiledRoute) -> Call:
+        return lambda sc: snap.choose(route, _request_view(sc, snap), now=next(second))
+
     return [
         Case(
             "baseline: random + bisect",
@@ -191,10 +212,17 @@ def cases() -> list[Case]:
             lambda sc: _request_view(sc, snap),
             same(no_cookie),
         ),
+        Case(
+            "signed Set-Cookie value, afresh",
+            "part",
+            lambda i: sticky.header("gpt-v1", next(second), True),
+            same(indices),
+        ),
         Case("weight, sticky off", "e2e", e2e(plain), same(no_cookie)),
         Case("weight + signed Set-Cookie", "e2e", e2e(cookie_route), same(no_cookie)),
         Case("cookie (HMAC-verified)", "e2e", e2e(cookie_route), same(with_cookie)),
         Case("key + signed Set-Cookie", "e2e", e2e(keyed), same(no_cookie)),
+        Case("key + signed Set-Cookie, signed afresh", "e2e", afresh(keyed), same(no_cookie)),
         Case("weight, sticky off", "choose", choose(plain), fresh_views(no_cookie)),
         Case("weight + signed Set-Cookie", "choose", choose(cookie_route), fresh_views(no_cookie)),
         Case("cookie (HMAC-verified)", "choose", choose(cookie_route), fresh_views(with_cookie)),
@@ -221,8 +249,8 @@ GROUP_TITLES = {
 }
 
 
-def _row(label: str, med: str, p90: str, p99: str, ratio: str) -> str:
-    return f"| {label:<50} | {med:>9} | {p90:>6} | {p99:>6} | {ratio:>10} |"
+def _row(label: str, med: str, p90: str, p99: str, ratio: str, cpu: str) -> str:
+    return f"| {label:<50} | {med:>9} | {p90:>6} | {p99:>6} | {ratio:>10} | {cpu:>13} |"
 
 
 def main() -> None:
@@ -234,21 +262,31 @@ def main() -> None:
         f"{BATCH} calls per batch, {BATCHES} batches after {WARMUP} warm-up; µs per call, "
         "percentiles over batch means; gc off while timing"
     )
-    rows = [(case, measure(case)) for case in cases()]
-    base = statistics.median(rows[0][1])
+    all_cases = cases()
+    rows = list(zip(all_cases, measure(all_cases), strict=True))
+    base = statistics.median(rows[0][1][0])
     print()
-    print(_row("path", "median µs", "p90 µs", "p99 µs", "x baseline"))
-    print(f"|{'-' * 52}|{'-' * 10}:|{'-' * 7}:|{'-' * 7}:|{'-' * 11}:|")
+    print(_row("path", "median µs", "p90 µs", "p99 µs", "x baseline", "CPU median µs"))
+    print(f"|{'-' * 52}|{'-' * 10}:|{'-' * 7}:|{'-' * 7}:|{'-' * 11}:|{'-' * 14}:|")
     worst: dict[str, float] = {}
     group = ""
-    for case, per_call in rows:
+    for case, (per_call, cpu) in rows:
         if case.group != group:
             group = case.group
-            print(_row(f"*{GROUP_TITLES[group]}*", "", "", "", ""))
+            print(_row(f"*{GROUP_TITLES[group]}*", "", "", "", "", ""))
         med = statistics.median(per_call)
         worst[group] = max(worst.get(group, 0.0), med)
         p90, p99 = percentile(per_call, 0.9), percentile(per_call, 0.99)
-        print(_row(case.label, f"{med:.3f}", f"{p90:.3f}", f"{p99:.3f}", f"{med / base:.1f}"))
+        print(
+            _row(
+                case.label,
+                f"{med:.3f}",
+                f"{p90:.3f}",
+                f"{p99:.3f}",
+                f"{med / base:.1f}",
+                f"{statistics.median(cpu):.3f}",
+            )
+        )
     print()
     for g in ("e2e", "choose"):
         verdict = "met" if worst[g] <= TARGET_US else "NOT met"
@@ -256,6 +294,7 @@ def main() -> None:
             f"target ≤ {TARGET_US:g} µs median, {GROUP_TITLES[g]}: {verdict} "
             f"(slowest path {worst[g]:.3f} µs)"
         )
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} (1 min)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import random
 import string
 from collections import Counter
@@ -14,8 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relaymw.config import build_config, parse_document
-from relaymw.routing import BASIS_POINTS, CookieCodec, RouteTable, basis_point_ends, bucket
-from relaymw.snapshot import RequestView, Snapshot
+from relaymw.routing import (
+    BASIS_POINTS,
+    CookieCodec,
+    CookieSigner,
+    RouteTable,
+    StickyCookie,
+    basis_point_ends,
+    bucket,
+)
+from relaymw.snapshot import RawHeaders, RequestView, Snapshot, cookie_value
 
 KEYS = [f"user-{i}" for i in range(100_000)]
 
@@ -307,6 +317,91 @@ def test_decode_never_raises_on_ascii(value: str) -> None:
 def test_decode_rejects_unicode_digits(value: str) -> None:
     secret = "s3cret" if value.count("~") == 2 else ""
     assert CookieCodec(secret).decode("review", value, NOW) is None
+
+
+@pytest.mark.parametrize("secret", ["", "s3cret"])
+def test_zero_padded_expiry_is_a_tampered_cookie(secret: str) -> None:
+    # The signature covers the expiry as written; an unsigned value is read the same way.
+    codec = CookieCodec(secret)
+    tag, exp, *sig = codec.encode("review", "v1", int(NOW) + 60).split("~")
+    padded = "~".join([tag, f"0{exp}", *sig])
+    assert codec.decode("review", padded, NOW) == (None if secret else "v1")
+    sticky = StickyCookie(codec, "review", "rw", 60, ["v1"])
+    assert sticky.read(padded, NOW) == (None if secret else "v1")
+
+
+# --- CookieSigner and StickyCookie ----------------------------------------------------------------
+
+
+@given(st.binary(max_size=150), st.binary(max_size=40), st.binary(max_size=40))
+def test_cookie_signer_is_hmac_sha256(key: bytes, prefix: bytes, message: bytes) -> None:
+    # Keys longer than SHA-256's 64-byte block are hashed first (RFC 2104), so cover both.
+    expected = hmac.new(key, prefix + message, hashlib.sha256).hexdigest()[:24]
+    assert CookieSigner(key, prefix).sign(message) == expected
+
+
+@pytest.mark.parametrize("length", [0, 1, 63, 64, 65, 100, 200])
+def test_cookie_signer_key_lengths(length: int) -> None:
+    key = bytes(range(256))[:length]
+    expected = hmac.new(key, b"review~v1~123", hashlib.sha256).hexdigest()[:24]
+    assert CookieSigner(key, b"review~v1~").sign(b"123") == expected
+
+
+def test_cookie_signer_verify() -> None:
+    signer = CookieSigner(b"k", b"review~v1~")
+    good = signer.sign(b"123")
+    assert signer.verify(b"123", good)
+    assert not signer.verify(b"124", good)
+    assert not signer.verify(b"123", good.upper())
+    assert not signer.verify(b"123", "é" * len(good))  # non-ASCII: refused, not an error
+
+
+def sticky_for(secret: str, tags: Sequence[str] = ("v1", "v2")) -> StickyCookie:
+    return StickyCookie(CookieCodec(secret), "review", "rw", 600, tags)
+
+
+@pytest.mark.parametrize("secret", ["", "s3cret"])
+def test_sticky_cookie_and_codec_read_each_other(secret: str) -> None:
+    codec, sticky = CookieCodec(secret), sticky_for(secret)
+    for tag in ("v1", "v2"):
+        assert sticky.read(codec.encode("review", tag, int(NOW) + 5), NOW) == tag
+        written = set_cookie_parts(sticky.header(tag, int(NOW), secure=False))[1]
+        assert codec.decode("review", written, NOW + 600) == tag
+        assert codec.decode("review", written, NOW + 601) is None
+        # Bound to its route when signed, as CookieCodec's values are.
+        assert codec.decode("other", written, NOW) == (None if secret else tag)
+
+
+@pytest.mark.parametrize("secret", ["", "s3cret"])
+def test_sticky_cookie_refuses_what_must_be_replaced(secret: str) -> None:
+    codec, sticky = CookieCodec(secret), sticky_for(secret, ["v1"])
+    # Validly written for a tag that is not eligible here (weight 0, ejected, unknown).
+    assert sticky.read(codec.encode("review", "v2", int(NOW) + 60), NOW) is None
+    assert sticky.read(codec.encode("review", "v1", int(NOW) - 1), NOW) is None
+    if secret:
+        value = codec.encode("review", "v1", int(NOW) + 60)
+        assert sticky.read(CookieCodec("other").encode("review", "v1", int(NOW) + 60), NOW) is None
+        assert sticky.read(CookieCodec(secret).encode("chat", "v1", int(NOW) + 60), NOW) is None
+        assert sticky.read(value[:-1] + ("0" if value[-1] != "0" else "1"), NOW) is None
+        assert sticky.read(CookieCodec().encode("review", "v1", int(NOW) + 60), NOW) is None
+
+
+@given(st.text(max_size=60))
+def test_sticky_cookie_read_never_raises(value: str) -> None:
+    for secret in ("", "k"):
+        assert sticky_for(secret).read(value, NOW) in (None, value.split("~", maxsplit=1)[0])
+
+
+def test_set_cookie_is_signed_once_per_second_then_renewed() -> None:
+    sticky = sticky_for("s3cret")
+    first = sticky.header("v1", int(NOW), secure=False)
+    assert sticky.header("v1", int(NOW), secure=False) is first  # reused, not re-signed
+    assert sticky.header("v1", int(NOW), secure=True) == f"{first}; Secure"
+    assert sticky.header("v2", int(NOW), secure=False) != first
+    later = sticky.header("v1", int(NOW) + 1, secure=False)
+    assert later != first
+    assert CookieCodec("s3cret").decode("review", set_cookie_parts(later)[1], NOW + 601) == "v1"
+    assert CookieCodec("s3cret").decode("review", set_cookie_parts(first)[1], NOW + 601) is None
 
 
 # --- Snapshot.choose ------------------------------------------------------------------------------
@@ -609,6 +704,48 @@ def test_request_view_keys() -> None:
     assert view.key("client_ip") == "10.0.0.1"
     assert view.key("callable") is None
     assert request({"x-api-key": "ak"}).key("api_key") == "ak"
+
+
+def parse_cookie_jar(header: str) -> dict[str, str]:
+    """The reference reading of a Cookie header: every cookie, the first of a name wins."""
+    cookies: dict[str, str] = {}
+    for part in header.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name not in cookies:
+            cookies[name] = value.strip('"')
+    return cookies
+
+
+@given(
+    st.text(alphabet=' ;="\tabx_-\u00a0é', max_size=60),
+    st.sampled_from(["a", "ab", "x_b", "b-a"]),
+)
+@settings(max_examples=500)
+def test_cookie_value_reads_like_the_whole_jar(header: str, name: str) -> None:
+    assert cookie_value(header, name) == parse_cookie_jar(header).get(name)
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("rw=v1~1", "v1~1"),
+        ("a=1; rw=v2; rw=v3", "v2"),
+        ('rw="quoted"', "quoted"),
+        ("xrw=no; a=rw=no;rw = no;  rw=yes ", "yes"),
+        ("a=1", None),
+        ("", None),
+    ],
+)
+def test_request_view_cookie(header: str, value: str | None) -> None:
+    assert request({"cookie": header}).cookie("rw") == value
+
+
+def test_request_view_over_raw_asgi_headers() -> None:
+    raw = [(b"x-user-id", b"u1"), (b"cookie", b"a=1; rw=v1"), (b"x-user-id", b"u2")]
+    view = RequestView(RawHeaders(raw), None, "https")
+    assert view.key("header:X-User-Id") == "u1"  # the first of a repeated header
+    assert (view.cookie("rw"), view.cookie("a"), view.cookie("b")) == ("v1", "1", None)
+    assert RequestView(RawHeaders([]), None, "http").cookie("rw") is None
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import attrs
 
 from relaymw.config import RelayConfig, Route, Upstream, Version
 from relaymw.protocols import Endpoint, gateway_paths
-from relaymw.routing import CookieCodec, RouteTable
+from relaymw.routing import CookieCodec, RouteTable, StickyCookie
 
 __all__ = [
     "CompiledRoute",
@@ -82,7 +82,7 @@ class RequestView:
     headers: HeaderSource  # looked up by lower-case name
     client_ip: str | None
     scheme: str
-    _cookies: dict[str, str] | None = None
+    _cookie_header: str | None = None  # read on the first cookie lookup
 
     @classmethod
     def build(
@@ -96,9 +96,10 @@ class RequestView:
         return cls(headers, peer, scheme)
 
     def cookie(self, name: str) -> str | None:
-        if self._cookies is None:
-            self._cookies = parse_cookie_header(self.headers.get("cookie") or "")
-        return self._cookies.get(name)
+        header = self._cookie_header
+        if header is None:
+            header = self._cookie_header = self.headers.get("cookie") or ""
+        return cookie_value(header, name)
 
     def key(self, spec: str, func: KeyFunction | None = None) -> str | None:
         """A request key by spec: ``header:NAME``, ``cookie:NAME``, ``api_key``, ``client_ip``
@@ -120,13 +121,19 @@ class RequestView:
         return None
 
 
-def parse_cookie_header(header: str) -> dict[str, str]:
-    cookies: dict[str, str] = {}
+def cookie_value(header: str, name: str) -> str | None:
+    """Cookie ``name`` of a ``Cookie`` header, the first when repeated: the jar split on
+    ``;``, each part stripped and split at its first ``=``.
+
+    Only parts that contain the name are split further: most of a jar belongs to others."""
+    if name not in header:
+        return None
     for part in header.split(";"):
-        name, sep, value = part.strip().partition("=")
-        if sep and name not in cookies:
-            cookies[name] = value.strip('"')
-    return cookies
+        if name in part:
+            found, sep, value = part.strip().partition("=")
+            if sep and found == name:
+                return value.strip('"')
+    return None
 
 
 @attrs.frozen
@@ -136,8 +143,15 @@ class CompiledRoute:
     # Every (tag, reason) choice prebuilt, so a request allocates nothing to describe its choice.
     choices: dict[tuple[str, str], VersionChoice] = attrs.field(hash=False)
     rule_tags: frozenset[str]
-    # "; Max-Age=...; Path=/; HttpOnly; SameSite=Lax", built once per snapshot.
-    cookie_attributes: str = ""
+    # The sticky cookie's reader and writer, built once per snapshot; None when sticky
+    # sessions are off.
+    sticky: StickyCookie | None = attrs.field(default=None, hash=False)
+    # Lower-cased header name when the sticky key is ``header:NAME``: read directly.
+    key_header: str | None = None
+    # Choices by position in ``table.tags`` (weight, key) and by tag (cookie).
+    by_weight: tuple[VersionChoice, ...] = ()
+    by_key: tuple[VersionChoice, ...] = ()
+    by_cookie: dict[str, VersionChoice] = attrs.field(factory=dict, hash=False)
 
     @property
     def alias(self) -> str:
@@ -170,6 +184,7 @@ class Snapshot:
         ejected: Mapping[str, Iterable[str]] | None = None,
     ) -> Snapshot:
         ejected_sets = {alias: frozenset(tags) for alias, tags in (ejected or {}).items()}
+        codec = CookieCodec(config.sticky.secret)
         versions = {v.version_tag: v for v in config.versions}
         routes: dict[str, CompiledRoute] = {}
         for route in config.routes:
@@ -186,12 +201,22 @@ class Snapshot:
                         route.model_alias, v.version_tag, v, v.upstream_endpoint, up, reason
                     )
             sticky = route.sticky_sessions
+            key_kind, _, key_name = (sticky.key or "").partition(":")
+            tags = table.tags
             routes[route.model_alias] = CompiledRoute(
                 route,
                 table,
                 choices,
                 frozenset(r.version_tag for r in route.route_rules),
-                f"; Max-Age={sticky.ttl_seconds}; Path=/; HttpOnly; SameSite=Lax",
+                sticky=StickyCookie(
+                    codec, route.model_alias, sticky.cookie_name, sticky.ttl_seconds, tags
+                )
+                if sticky.enabled
+                else None,
+                key_header=key_name.lower() if key_kind == "header" else None,
+                by_weight=tuple(choices[(tag, "weight")] for tag in tags),
+                by_key=tuple(choices[(tag, "key")] for tag in tags),
+                by_cookie={tag: choices[(tag, "cookie")] for tag in tags},
             )
         in_app = {p: routes[r.model_alias] for r in config.routes for p in r.paths}
         pins = {
@@ -210,7 +235,7 @@ class Snapshot:
             in_app,
             pins,
             gateway,
-            CookieCodec(config.sticky.secret),
+            codec,
             ejected_sets,
         )
 
@@ -233,30 +258,34 @@ class Snapshot:
     ) -> tuple[VersionChoice, str | None]:
         """Choose a version: operator pin, then a valid sticky cookie, then the sticky key,
         then weight. Returns the choice and a ``Set-Cookie`` value when one must be set."""
-        if pinned_tag is None:
+        # The hot path of every routed request: everything it reads was prebuilt per snapshot.
+        if pinned_tag is None and self.config.pinning.token:
             pinned_tag = self._operator_pin(route, request)
         if pinned_tag is not None and pinned_tag in route.rule_tags:
             return route.choices[(pinned_tag, "pin")], None
-        sticky = route.route.sticky_sessions
         table = route.table
-        if not sticky.enabled:
-            return route.choices[(table.pick(), "weight")], None
+        cookie = route.sticky
+        if cookie is None:
+            return route.by_weight[table.pick_index()], None
         now = time.time() if now is None else now
-        raw = request.cookie(sticky.cookie_name)
+        raw = request.cookie(cookie.name)
         if raw is not None:
-            tag = self.cookie_codec.decode(route.alias, raw, now)
-            if tag is not None and tag in table.eligible:
-                return route.choices[(tag, "cookie")], None
-        key = request.key(sticky.key, sticky_key) if sticky.key else None
-        if key:
-            tag, reason = table.for_key(key), "key"
+            tag = cookie.read(raw, now)
+            if tag is not None:
+                return route.by_cookie[tag], None
+        if route.key_header is not None:
+            key = request.headers.get(route.key_header)
         else:
-            tag, reason = table.pick(), "weight"
-        value = self.cookie_codec.encode(route.alias, tag, int(now) + sticky.ttl_seconds)
-        cookie = f"{sticky.cookie_name}={value}{route.cookie_attributes}"
-        if request.scheme == "https":
-            cookie += "; Secure"
-        return route.choices[(tag, reason)], cookie
+            spec = route.route.sticky_sessions.key
+            key = request.key(spec, sticky_key) if spec else None
+        if key:
+            index = table.key_index(key)
+            choice = route.by_key[index]
+        else:
+            index = table.pick_index()
+            choice = route.by_weight[index]
+        secure = request.scheme == "https"
+        return choice, cookie.header(table.tags[index], int(now), secure)
 
     def _operator_pin(self, route: CompiledRoute, request: RequestView) -> str | None:
         pinning = self.config.pinning
