@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, TypeGuard
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 TAG_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?$")
+# Deeper than any configuration is written; the recursive steps after parsing stay far from
+# Python's recursion limit.
+MAX_DEPTH = 64
 WEIGHT_TOLERANCE = 0.01
 Protocol = Literal["openai", "anthropic"]
 
@@ -274,24 +278,55 @@ def parse_document(text: bytes | str, fmt: str) -> dict[str, Any]:
         raise
     except Exception as exc:  # each parser has its own error type
         raise ConfigError(
-            [ConfigIssue("", f"{fmt.upper()} syntax error: {_syntax(exc)}")]
+            [ConfigIssue("", f"{fmt.upper()} syntax error: {_syntax(exc, fmt)}")]
         ) from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError([ConfigIssue("", "the document must be a table/mapping at the top")])
+    if issues := _document_issues(doc):
+        raise ConfigError(issues)
     return doc
 
 
-def _syntax(exc: Exception) -> str:
+# From the first quote to the last (or to the end when there is only one).
+_QUOTED = re.compile(r"['\"](?:.*['\"]|.*)", re.DOTALL)
+
+
+def _syntax(exc: Exception, fmt: str) -> str:
     """A parser's message without the document's text: PyYAML quotes the offending line,
-    which may hold a secret."""
+    and its messages the offending token (an alias, a tag, a scalar), which may be a secret."""
     problem = getattr(exc, "problem", None)
     if problem is None:
-        return str(exc)
-    mark = getattr(exc, "problem_mark", None)
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    return f"{problem}{where}"
+        text = str(exc)
+    else:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        text = f"{problem}{where}"
+    return _QUOTED.sub("'...'", text) if fmt in ("yaml", "yml") else text
+
+
+def _document_issues(doc: Mapping[Any, Any]) -> list[ConfigIssue]:
+    """Keys that are not strings (YAML's may be null, numbers, booleans or dates) and nesting
+    deeper than :data:`MAX_DEPTH`, found without recursion: a JSON document may nest a
+    thousand levels deep."""
+    issues: list[ConfigIssue] = []
+    stack: list[tuple[Any, str, int]] = [(doc, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            issues.append(ConfigIssue(path, f"nested deeper than {MAX_DEPTH} levels"))
+        elif isinstance(node, dict):
+            children = []
+            for key, value in node.items():
+                child = _join(path, str(key))
+                if not isinstance(key, str):
+                    issues.append(ConfigIssue(child, "a key must be a string"))
+                children.append((value, child, depth + 1))
+            stack.extend(reversed(children))  # reported in document order
+        elif isinstance(node, list):
+            stack.extend(reversed([(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node)]))
+    return issues
 
 
 def load_document(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -310,12 +345,17 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def interpolate(
-    doc: Any, environ: Mapping[str, str] | None = None, _path: str = ""
+    doc: Any,
+    environ: Mapping[str, str] | None = None,
+    _path: str = "",
+    *,
+    substituted: dict[str, str] | None = None,
 ) -> tuple[Any, list[ConfigIssue]]:
     """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of ``doc``.
 
     Returns the new document and the issues (a missing variable without a default names the
-    variable, never a value).
+    variable, never a value). ``substituted``, when given, receives each value taken from
+    the environment, mapped to its variable's name.
     """
     env = os.environ if environ is None else environ
     issues: list[ConfigIssue] = []
@@ -328,6 +368,8 @@ def interpolate(
             def sub(m: re.Match[str]) -> str:
                 name, default = m.group(1), m.group(2)
                 if name in env:
+                    if substituted is not None:
+                        substituted[env[name]] = name
                     return env[name]
                 if default is not None:
                     return default
@@ -442,7 +484,10 @@ def build_config(doc: Mapping[str, Any], environ: Mapping[str, str] | None = Non
 
     Every problem is collected and raised together as one :class:`ConfigError`.
     """
-    resolved, issues = interpolate(dict(doc), environ)
+    if structure := _document_issues(doc):
+        raise ConfigError(structure)  # the steps below would fail on it
+    substituted: dict[str, str] = {}
+    resolved, issues = interpolate(dict(doc), environ, substituted=substituted)
     shape = _shape_issues(resolved)
     issues.extend(shape)
     issues.extend(_semantic_issues(resolved))
@@ -456,8 +501,60 @@ def build_config(doc: Mapping[str, Any], environ: Mapping[str, str] | None = Non
     except Exception as exc:  # a hook's own error outside detailed validation
         issues.append(ConfigIssue("", str(exc)))
     if issues or config is None:
-        raise ConfigError(_dedupe(issues))
+        # Messages reach logs, signals and the audit file: no secret may be echoed in them.
+        hidden = {v: "***" for v in _literal_secrets(resolved) if len(v) >= 8}
+        hidden.update({v: f"${{{name}}}" for v, name in substituted.items() if len(v) >= 4})
+        raise ConfigError(_dedupe(_redacted(issues, hidden)))
     return config
+
+
+def _literal_secrets(doc: Mapping[str, Any]) -> list[str]:
+    """The values of the fields that hold secrets (a copy elsewhere, a key say, is echoed)."""
+    found: list[Any] = []
+    upstreams = doc.get("upstreams")
+    if isinstance(upstreams, dict):
+        found += [up.get("api_key") for up in upstreams.values() if isinstance(up, dict)]
+    for section, key in _SECRET_FIELDS:
+        node = doc.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        found.append(_password(value) if key == "storage_uri" else value)
+    return [v for v in found if isinstance(v, str)]
+
+
+_SECRET_FIELDS = (
+    ("sticky", "secret"),
+    ("pinning", "token"),
+    ("rate_limiting", "storage_uri"),
+    ("budgeting", "storage_uri"),
+    ("metrics", "storage_uri"),
+)
+
+
+def _password(uri: Any) -> str | None:
+    try:
+        return urlsplit(uri).password if isinstance(uri, str) else None
+    except ValueError:  # an unbalanced IPv6 bracket
+        return None
+
+
+def _redacted(issues: list[ConfigIssue], hidden: Mapping[str, str]) -> list[ConfigIssue]:
+    """``issues`` with each secret in ``hidden`` written as its replacement (an ``${ENV}``
+    value as its ``${NAME}``). Short values are not passed in: they would garble every
+    message."""
+    spellings = {  # a value as it is, and as repr() writes it into a message
+        text: replacement
+        for value, replacement in hidden.items()
+        for text in (value, repr(value)[1:-1])
+    }
+    if not spellings:
+        return issues
+    out = []
+    for issue in issues:
+        message = issue.message
+        for text in sorted(spellings, key=len, reverse=True):  # a value before its parts
+            message = message.replace(text, spellings[text])
+        out.append(ConfigIssue(issue.path, message))
+    return out
 
 
 _LIST_FIELDS = {
@@ -551,6 +648,13 @@ def _semantic_issues(doc: Mapping[str, Any]) -> list[ConfigIssue]:
                     issues.append(
                         ConfigIssue(f"upstreams.{name}.base_url", "must start with http(s)://")
                     )
+                elif "@" in _netloc(url):  # named, never echoed: it holds a password
+                    issues.append(
+                        ConfigIssue(
+                            f"upstreams.{name}.base_url",
+                            "must not hold a user name or password: put the key in api_key",
+                        )
+                    )
 
     tags: set[str] = set()
     for path, v in _items(doc.get("versions"), "versions"):
@@ -570,7 +674,7 @@ def _semantic_issues(doc: Mapping[str, Any]) -> list[ConfigIssue]:
         issues.extend(_limit_issues(v, path))
         up = v.get("upstream_endpoint")
         if isinstance(up, str) and up not in upstream_names:
-            known = ", ".join(sorted(upstream_names)) or "none defined"
+            known = ", ".join(sorted(map(str, upstream_names))) or "none defined"
             issues.append(
                 ConfigIssue(
                     f"{path}.upstream_endpoint",
@@ -642,7 +746,23 @@ def _semantic_issues(doc: Mapping[str, Any]) -> list[ConfigIssue]:
         uri = rl.get("storage_uri")
         if isinstance(uri, str) and "://" not in uri:
             issues.append(ConfigIssue("rate_limiting.storage_uri", "must be a URI (memory://)"))
+    budgeting = doc.get("budgeting")
+    uri = budgeting.get("storage_uri") if isinstance(budgeting, dict) else None
+    if isinstance(uri, str) and not uri.startswith(_BUDGET_STORES):
+        issues.append(ConfigIssue("budgeting.storage_uri", _BUDGET_STORES_HINT))
     return issues
+
+
+# What BudgetLedger accepts; checked here so that a wrong URI is a ConfigError, not echoed.
+_BUDGET_STORES = ("memory://", "redis://", "rediss://", "unix://")
+_BUDGET_STORES_HINT = "must start with memory://, redis://, rediss:// or unix://"
+
+
+def _netloc(url: str) -> str:
+    try:
+        return urlsplit(url).netloc
+    except ValueError:  # an unbalanced IPv6 bracket: no credentials to find
+        return ""
 
 
 def _route_rule_issues(rules: Any, path: str, tags: set[str]) -> list[ConfigIssue]:

@@ -202,16 +202,18 @@ def _cache_write_multiplier(body: Mapping[str, Any], endpoint: Endpoint) -> Deci
 
 
 def _find_cache_control(node: Any, found: list[Any]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "cache_control":
-                found.append(value)
-            elif isinstance(value, (dict, list)):
-                _find_cache_control(value, found)
-    elif isinstance(node, list):
-        for item in node:
-            if isinstance(item, (dict, list)):
-                _find_cache_control(item, found)
+    # A stack, not recursion: a request nested thousands of levels deep must not overflow.
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "cache_control":
+                    found.append(value)
+                elif isinstance(value, (dict, list)):
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(item for item in node if isinstance(item, (dict, list)))
 
 
 _FOUR_PLACES = Decimal("0.0001")

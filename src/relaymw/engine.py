@@ -769,3 +769,15 @@ def too_large(limit: int) -> RequestRejected:
     return RequestRejected(
         413, "request_too_large", f"the request body is larger than the limit of {limit} bytes"
     )
+
+
+def invalid_body(data: bytes) -> RequestRejected | None:
+    """A 502 for a successful answer whose body is not a JSON object; None when it is one.
+    Call it only when :func:`usage_of_body` found no usage: a whole parse is its cost."""
+    try:
+        if isinstance(orjson.loads(data), dict):
+            return None
+    except orjson.JSONDecodeError:
+        pass
+    message = "the upstream answered with a body that is not a JSON object"
+    return RequestRejected(502, "upstream_invalid_response", message)

@@ -33,10 +33,26 @@ log = logging.getLogger("relaymw.metrics")
 
 #: ``error`` codes that count against the version: its upstream failed the request.
 VERSION_ERRORS = frozenset(
-    {"upstream_error", "upstream_timeout", "upstream_unreachable", "upstream_truncated"}
+    {
+        "upstream_error",
+        "upstream_timeout",
+        "upstream_unreachable",
+        "upstream_truncated",
+        "upstream_invalid_response",
+    }
 )
-#: Refused by relaymw before any upstream call: not the version's traffic, not counted.
-REFUSED = frozenset({"rate_limited", "budget_exceeded", "cost_limit_exceeded", "bad_request"})
+#: Refused by relaymw before any upstream call: not the version's traffic, not counted (a
+#: limit or budget store being down says nothing about the version either).
+REFUSED = frozenset(
+    {
+        "rate_limited",
+        "budget_exceeded",
+        "cost_limit_exceeded",
+        "bad_request",
+        "rate_limit_storage_unavailable",
+        "budget_store_unavailable",
+    }
+)
 #: Ended by the client: a request of the version, never an error of it.
 CLIENT_ENDED = frozenset({"client_disconnected"})
 

@@ -93,6 +93,7 @@ _ROUTES: dict[str, tuple[_Protocol, _Endpoint]] = {
 _JSON = "application/json"
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _DEFAULT_EMBEDDING_DIMENSIONS = 8
+_MAX_EMBEDDING_DIMENSIONS = 4096  # a bound on the vector a request makes FakeLLM build
 # How long stop() lets in-flight requests finish before cancelling them: a test server
 # has nothing worth waiting for, but a few ms lets a just-finished write reach the client.
 _SHUTDOWN_GRACE_S = 0.05
@@ -170,13 +171,15 @@ class RecordedStream:
 
     Times are ``time.monotonic()``. ``first_chunk_at`` / ``last_chunk_at`` are when the first
     and the last content chunk were written; ``disconnected`` means the client went away
-    before the end; ``truncated`` means the ``"truncate"`` fault cut it on purpose.
+    before the end; ``truncated`` means the ``"truncate"`` fault cut it on purpose. ``body``
+    is the request's JSON body, so that a test can tell its streams apart by their prompts.
     """
 
     path: str
     model: str
     started_at: float
     chunks_total: int
+    body: dict[str, Any] | None = attrs.field(default=None, repr=False)
     chunks_sent: int = 0
     first_chunk_at: float | None = None
     last_chunk_at: float | None = None
@@ -246,13 +249,30 @@ _PROMPT_FIELDS = ("system", "instructions", "messages", "prompt", "input")
 
 
 def _embedding_inputs(value: Any) -> list[str]:
+    """The texts to embed: a string, or each item of a list (a token-id array keyed by its
+    comma-joined ids). A fake embeds whatever it is sent, so any other item is keyed by its
+    ``str()``; an ``input`` that is neither gives no embeddings."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, list):
         if value and all(isinstance(v, int) for v in value):
             return [",".join(map(str, value))]
-        return [v if isinstance(v, str) else ",".join(map(str, v)) for v in value]
+        return [
+            v if isinstance(v, str) else ",".join(map(str, v)) if isinstance(v, list) else str(v)
+            for v in value
+        ]
     return []
+
+
+def _embeddings_problem(body: Mapping[str, Any]) -> str | None:
+    """Why OpenAI would answer 400 to this embeddings request, as far as FakeLLM checks."""
+    dimensions = body.get("dimensions")
+    if isinstance(dimensions, int) and dimensions > _MAX_EMBEDDING_DIMENSIONS:
+        return (
+            f"Invalid value for 'dimensions' = {dimensions}. Must be less than or equal to"
+            f" {_MAX_EMBEDDING_DIMENSIONS}."
+        )
+    return None
 
 
 def _embedding_vector(text: str, dimensions: int) -> list[float]:
@@ -641,6 +661,8 @@ class FakeLLM:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return _error_response(protocol, 400, "model: a model name is required")
+        if endpoint == "embeddings" and (problem := _embeddings_problem(body)) is not None:
+            return _error_response(protocol, 400, problem)
 
         table, default = self._behaviours
         behaviour = table.get(model, default)
@@ -665,7 +687,7 @@ class FakeLLM:
 
         answer = self._answer(endpoint, body, model, behaviour)
         if answer.chunks:
-            return await self._stream(request, answer, model, behaviour)
+            return await self._stream(request, answer, model, behaviour, body)
         if fault == "truncate":
             return await self._truncate_body(request, answer.body)
         return web.Response(body=answer.body, content_type=_JSON)
@@ -714,12 +736,17 @@ class FakeLLM:
         answer: _Answer,
         model: str,
         behaviour: Behaviour,
+        body: dict[str, Any],
     ) -> web.StreamResponse:
         chunks = answer.chunks
         truncate = behaviour.fault == "truncate"
         send = len(chunks) // 2 if truncate else len(chunks)
         record = RecordedStream(
-            path=request.path, model=model, started_at=time.monotonic(), chunks_total=len(chunks)
+            path=request.path,
+            model=model,
+            started_at=time.monotonic(),
+            chunks_total=len(chunks),
+            body=body if self._record else None,
         )
         self._streams_started += 1
         if self._record:

@@ -16,7 +16,7 @@ import functools
 import importlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 from relaymw.protocols import BYTES_PER_TOKEN, Endpoint
@@ -60,22 +60,36 @@ class TokenEstimator(Protocol):
 
 
 def _collect(node: Any, parts: list[str]) -> int:
-    """Append every string in ``node`` (keys too) to ``parts``; return tokens counted directly
-    (numbers, booleans, nulls, images)."""
-    if isinstance(node, str):
-        parts.append(node)
-        return 0
-    if isinstance(node, dict):
-        if node.get("type") in _IMAGE_TYPES:
-            return IMAGE_TOKENS
-        direct = 0
-        for key, value in node.items():
-            parts.append(str(key))
-            direct += _collect(value, parts)
-        return direct
-    if isinstance(node, (list, tuple)):
-        return sum(_collect(item, parts) for item in node)
-    return 1  # a number (a token id in a token-array prompt), a boolean or null
+    """Append every string in ``node`` (keys too) to ``parts``, in document order; return
+    tokens counted directly (numbers, booleans, nulls, images). A stack of iterators rather
+    than recursion: a request nested thousands of levels deep must not exhaust Python's."""
+    direct = 0
+    stack: list[Iterator[Any]] = [iter((node,))]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, str):
+                parts.append(item)
+            elif isinstance(item, dict):
+                kind = item.get("type")
+                if isinstance(kind, str) and kind in _IMAGE_TYPES:
+                    direct += IMAGE_TOKENS
+                else:
+                    stack.append(_keys_and_values(item))
+                    break
+            elif isinstance(item, (list, tuple)):
+                stack.append(iter(item))
+                break
+            else:
+                direct += 1  # a number (a token id in a token-array prompt), a boolean or null
+        else:
+            stack.pop()
+    return direct
+
+
+def _keys_and_values(node: dict[Any, Any]) -> Iterator[Any]:
+    for key, value in node.items():
+        yield str(key)
+        yield value
 
 
 def _utf8_len(text: str) -> int:

@@ -22,6 +22,7 @@ from relaymw.engine import (
     Exchange,
     GatewayCall,
     Relay,
+    invalid_body,
     is_event_stream,
     too_large,
     upstream_rejection,
@@ -152,6 +153,7 @@ class RelayWSGIMiddleware:
             data = response.read()
         except UpstreamError as exc:
             rejected = upstream_rejection(exc)
+            self.relay.upstream_failed(call.choice, None, rejected.code)
             exchange.finish(rejected.status, error=rejected.code)
             self.relay.settle(exchange)
             return _rejection(start_response, call.endpoint, rejected, call.set_cookie)
@@ -160,6 +162,11 @@ class RelayWSGIMiddleware:
         output = 0
         if 200 <= status < 300:
             usage = usage_of_body(call.endpoint, data)
+            if usage is None and (invalid := invalid_body(data)) is not None:
+                self.relay.upstream_failed(call.choice, status, invalid.code)
+                exchange.finish(invalid.status, error=invalid.code)
+                self.relay.settle(exchange)
+                return _rejection(start_response, call.endpoint, invalid, call.set_cookie)
             output = estimate_completion_tokens(data) if usage is None else 0
         else:
             self.relay.upstream_failed(call.choice, status, "upstream_error")
@@ -203,6 +210,7 @@ class _Stream:
         except UpstreamError as exc:
             rejected = upstream_rejection(exc)
             self.error, self.status = rejected.code, rejected.status
+            self.relay.upstream_failed(call.choice, None, rejected.code)
             tail = observer.finish()
             if tail:
                 yield tail
@@ -211,6 +219,8 @@ class _Stream:
         if tail:
             yield tail
         self.error = None if observer.done else "upstream_truncated"
+        if self.error is not None:
+            self.relay.upstream_failed(call.choice, 200, self.error)
 
     def close(self) -> None:
         try:
@@ -266,10 +276,12 @@ def _request_view(environ: Environ, snapshot: Snapshot) -> RequestView:
 def _read_body(environ: Environ, limit: int) -> bytes:
     stream = environ["wsgi.input"]
     length = environ.get("CONTENT_LENGTH") or ""
-    if length.isdigit():
-        if int(length) > limit:
+    if length.isascii() and length.isdigit():
+        # More digits than any body could have: int() would refuse past 4300 of them.
+        if len(length.lstrip("0")) > 15 or int(length) > limit:
             raise too_large(limit)
-        data: bytes = stream.read(int(length)) if int(length) else b""
+        size = int(length)
+        data: bytes = stream.read(size) if size else b""
         return data
     # No length: chunked input, which servers that set wsgi.input_terminated end for us.
     data = stream.read(limit + 1) if environ.get("wsgi.input_terminated") else b""
