@@ -20,6 +20,7 @@ from relaymw.engine import (
     Exchange,
     GatewayCall,
     Relay,
+    invalid_body,
     is_event_stream,
     too_large,
     upstream_rejection,
@@ -30,6 +31,7 @@ from relaymw.protocols import Endpoint, StreamObserver, Usage
 from relaymw.snapshot import CompiledRoute, RawHeaders, RequestView, Snapshot
 from relaymw.stores import Store
 from relaymw.tokens import estimate_completion_tokens
+from relaymw.upstream import AsyncUpstreamResponse
 
 __all__ = ["RelayMiddleware"]
 
@@ -123,7 +125,14 @@ class RelayMiddleware:
         relay = self.relay
         exchange = Exchange(relay, "gateway", endpoint)
         try:
-            body = await _read_body(scope, receive, snapshot.config.gateway.max_body_bytes)
+            limit = snapshot.config.gateway.max_body_bytes
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body = message.get("body", b"")  # the usual case: the whole body at once
+                if len(body) > limit:
+                    raise too_large(limit)
+            else:
+                body = await _read_body(scope, receive, message, limit)
             request = _request_view(scope, snapshot)
             call = relay.prepare_gateway(snapshot, endpoint, body, request, exchange)
             if call is not None and exchange.admission is not None:
@@ -161,56 +170,70 @@ class RelayMiddleware:
         error: str | None = None
         output = 0
         try:
-            headers = call.response_headers(response.headers)
-            if call.stream and status == 200 and is_event_stream(response.headers):
+            headers = call.response_headers(response.raw_headers)
+            if call.stream and status == 200 and is_event_stream(headers):
                 usage, error, output = await self._stream(call, response, headers, receive, send)
+                if error == "upstream_truncated":
+                    self.relay.upstream_failed(call.choice, status, error)
             else:
-                data = await response.read()
+                try:
+                    data = await response.read()
+                except UpstreamError as exc:  # nothing sent yet: answer as for a failed call
+                    rejected = upstream_rejection(exc)
+                    status, error = rejected.status, rejected.code
+                    self.relay.upstream_failed(call.choice, None, error)
+                    await _send_rejection(send, call.endpoint, rejected, call.set_cookie)
+                    return
                 if 200 <= status < 300:
                     usage = usage_of_body(call.endpoint, data)
+                    if usage is None and (invalid := invalid_body(data)) is not None:
+                        self.relay.upstream_failed(call.choice, status, invalid.code)
+                        status, error = invalid.status, invalid.code
+                        await _send_rejection(send, call.endpoint, invalid, call.set_cookie)
+                        return
                     output = estimate_completion_tokens(data) if usage is None else 0
                 else:
                     self.relay.upstream_failed(call.choice, status, "upstream_error")
                 headers.append((b"content-length", str(len(data)).encode()))
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": data})
-        except UpstreamError as exc:
+        except UpstreamError as exc:  # a stream broke after it started
             error = upstream_rejection(exc).code
             status = 502 if isinstance(exc, UpstreamConnectionError) else 504
+            self.relay.upstream_failed(call.choice, None, error)
         except OSError:  # uvicorn raises ClientDisconnected (an OSError) on send
             error = "client_disconnected"
         finally:
             await response.aclose()
             exchange.finish(status, usage, error, output)
-            await self.relay.asettle(exchange)
+            if exchange.admission is not None:  # nothing to settle otherwise
+                await self.relay.asettle(exchange)
 
     async def _stream(
         self,
         call: GatewayCall,
-        response: Any,
+        response: AsyncUpstreamResponse,
         headers: list[tuple[bytes, bytes]],
         receive: Receive,
         send: Send,
     ) -> tuple[Usage | None, str | None, int]:
-        """Pump SSE chunk by chunk; a disconnect watcher closes the upstream stream at once.
+        """Pump SSE chunk by chunk; once the pump has to wait for the upstream, a watcher
+        closes the upstream stream as soon as the client disconnects.
 
-        Returns the usage, the error (None for a whole stream) and the output tokens seen."""
-        limit = call.exchange.admission.output_token_limit if call.exchange.admission else None
-        observer = StreamObserver(call.endpoint, call.drop_usage_chunk, output_limit=limit)
-        disconnected = asyncio.Event()
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            disconnected.set()
-            await response.aclose()  # ends the pump's iteration below
-
-        watcher = asyncio.ensure_future(watch())
+        Returns the usage, the error (None for a whole stream) and, when the upstream reported
+        no usage, the output tokens seen (to estimate it)."""
         exchange = call.exchange
+        adm = exchange.admission
+        limit = adm.output_token_limit if adm is not None else None
+        observer = StreamObserver(
+            call.endpoint, call.drop_usage_chunk, output_limit=limit, defer_count=True
+        )
+        watch = _DisconnectWatch(receive, response)
+        read, on_wait = response.read_chunk, watch.start
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             try:
-                async for chunk in response.aiter_chunks():
+                while chunk := await read(on_wait):
                     if exchange.first_chunk_at is None:
                         exchange.first_chunk_at = time.perf_counter()
                     out = observer.feed(chunk)
@@ -223,21 +246,60 @@ class RelayMiddleware:
                         )
                         await send({"type": "http.response.body", "body": tail})
                         self.relay.stream_cut(call.choice, exchange)
-                        return observer.usage, None, observer.output_tokens
+                        return _outcome(observer, None)
             except UpstreamError:
-                if disconnected.is_set():
-                    return observer.usage, "client_disconnected", observer.output_tokens
+                if watch.disconnected:
+                    return _outcome(observer, "client_disconnected")
                 await send({"type": "http.response.body", "body": observer.finish()})
                 raise
-            if disconnected.is_set():
-                return observer.usage, "client_disconnected", observer.output_tokens
+            if watch.disconnected:
+                return _outcome(observer, "client_disconnected")
             await send({"type": "http.response.body", "body": observer.finish()})
-            error = None if observer.done else "upstream_truncated"
-            return observer.usage, error, observer.output_tokens
+            return _outcome(observer, None if observer.done else "upstream_truncated")
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            watch.stop()
+
+
+class _DisconnectWatch:
+    """Closes the upstream response as soon as the client disconnects (uvicorn drops the
+    sends after a disconnect, so the pump itself would never notice).
+
+    Started only once the pump has to wait for the upstream: a stream that has arrived whole
+    is forwarded before a watcher could even run."""
+
+    __slots__ = ("_receive", "_response", "_task", "disconnected")
+
+    def __init__(self, receive: Receive, response: AsyncUpstreamResponse) -> None:
+        self._receive = receive
+        self._response = response
+        self._task: asyncio.Task[None] | None = None
+        self.disconnected = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            while (await self._receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a server whose channel broke: the pump's sends will tell
+            return
+        self.disconnected = True
+        await self._response.aclose()  # ends the pump's read
+
+    def stop(self) -> None:
+        # Not awaited: a cancelled watcher has nothing left to do, and waiting for it to
+        # unwind would cost the request another trip through the event loop.
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _outcome(observer: StreamObserver, error: str | None) -> tuple[Usage | None, str | None, int]:
+    """A stream's usage and error, and the output tokens seen only when the upstream reported
+    no usage: counting them costs, and the record needs them only to estimate it."""
+    usage = observer.usage
+    return usage, error, observer.output_tokens if usage is None else 0
 
 
 def _request_view(scope: Scope, snapshot: Snapshot) -> RequestView:
@@ -250,14 +312,20 @@ def _request_view(scope: Scope, snapshot: Snapshot) -> RequestView:
     )
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+async def _read_body(scope: Scope, receive: Receive, message: Message, limit: int) -> bytes:
+    """The body from its first ``message`` on, when more is to come: a declared length over
+    the limit is refused before reading any further."""
     for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
+        # More digits than any body could have: int() would refuse past 4300 of them.
+        if (
+            name == b"content-length"
+            and value.isdigit()
+            and (len(value.lstrip(b"0")) > 15 or int(value) > limit)
+        ):
             raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk = message.get("body", b"")
@@ -266,7 +334,8 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return b"".join(chunks)
+        message = await receive()
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from importlib import resources
@@ -70,6 +70,7 @@ log = logging.getLogger("relaymw")
 # An app's own endpoints (in-app mode) answer relaymw's refusals in OpenAI's error shape.
 PAGE_ERRORS = Endpoint("openai", "chat", "/chat/completions")
 _perf = time.perf_counter
+_ZERO = Decimal(0)
 
 
 class Exchange:
@@ -106,7 +107,7 @@ class Exchange:
         self.admission: Admission | None = None
         self.body: dict[str, Any] | None = None  # as sent upstream, for a usage estimate
         self.usage: Usage | None = None
-        self.cost = Decimal(0)
+        self.cost = _ZERO
 
     def mark_first_chunk(self) -> None:
         if self.first_chunk_at is None:
@@ -173,9 +174,10 @@ class GatewayCall:
         self.exchange = exchange
 
     def response_headers(
-        self, upstream_headers: list[tuple[str, str]]
+        self, upstream_headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]]
     ) -> list[tuple[bytes, bytes]]:
-        """Safe upstream headers plus relaymw's own, computed when the response starts."""
+        """Safe upstream headers (raw or decoded, names in any case) plus relaymw's own,
+        computed when the response starts."""
         ex = self.exchange
         now = _perf()
         # Time relaymw itself spent: before the upstream call and after its headers arrived.
@@ -184,7 +186,7 @@ class GatewayCall:
         out.append((b"x-relaymw-version", self.choice.version_tag.encode()))
         if ex.admission is not None:
             out += [(k.lower().encode(), v.encode()) for k, v in ex.admission.headers]
-        out.append((b"x-relaymw-overhead-ms", f"{overhead * 1000:.3f}".encode()))
+        out.append((b"x-relaymw-overhead-ms", b"%.3f" % (overhead * 1000)))
         if self.set_cookie:
             out.append((b"set-cookie", self.set_cookie.encode("latin-1")))
         return out
@@ -446,12 +448,18 @@ class Relay:
         stream = protocols.is_stream(body)
         exchange.stream = stream
         drop = protocols.request_stream_usage(body, endpoint) if stream else False
+        try:
+            data = orjson.dumps(body)
+        except orjson.JSONEncodeError:  # orjson writes at most 254 levels; it reads 1024
+            raise RequestRejected(
+                400, "invalid_request", "the request body nests too deeply to be relayed"
+            ) from None
         return GatewayCall(
             choice,
             endpoint,
             protocols.upstream_url(choice.upstream, endpoint),
             protocols.upstream_headers(choice.upstream, client_headers.items()),
-            orjson.dumps(body),
+            data,
             stream,
             drop,
             set_cookie,
@@ -465,8 +473,20 @@ class Relay:
         self._selected(choice, "in_app")
         return choice, cookie
 
+    # The price of each version tag, for the configuration it was looked up in.
+    _prices: tuple[RelayConfig | None, dict[str, Price | None]] = (None, {})
+
     def _price(self, choice: VersionChoice) -> Price | None:
-        return price_for(choice.version.upstream_model(choice.upstream), self.config.pricing)
+        config = self._snapshot.config
+        known = self._prices
+        if known[0] is not config:  # another configuration: other models or prices
+            known = self._prices = (config, {})
+        tag = choice.version_tag
+        if tag in known[1]:
+            return known[1][tag]
+        price = price_for(choice.version.upstream_model(choice.upstream), config.pricing)
+        known[1][tag] = price
+        return price
 
     def _estimate_usage(self, exchange: Exchange, output_tokens: int) -> Usage:
         """Usage for an upstream that reported none; the record says it is estimated."""
@@ -516,6 +536,8 @@ class Relay:
         )
 
     def _selected(self, choice: VersionChoice, mode: str) -> None:
+        if not signals.version_selected.receivers:  # the common case: skip building the event
+            return
         signals.send(
             signals.version_selected,
             self,
@@ -536,7 +558,7 @@ class Relay:
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
         cached = usage.cached_tokens if usage else 0
-        cost = Decimal(0)
+        cost = _ZERO
         if choice is not None and usage is not None:
             adm = exchange.admission
             price = adm.price if adm is not None else self._price(choice)
@@ -556,6 +578,8 @@ class Relay:
                 cost,
                 error,
             )
+        if not signals.request_finished.receivers:  # the common case: skip building the event
+            return
         signals.send(
             signals.request_finished,
             self,
@@ -747,15 +771,34 @@ def _httpx_module(flavor: str) -> Any:
 # --- helpers both adapters use ----------------------------------------------------------------
 
 
-def is_event_stream(headers: list[tuple[str, str]]) -> bool:
-    return any(k == "content-type" and v.startswith("text/event-stream") for k, v in headers)
+def is_event_stream(headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]]) -> bool:
+    """Whether lower-case-named headers (str or bytes pairs) say ``text/event-stream``."""
+    for k, v in headers:
+        if isinstance(v, bytes):
+            if k == b"content-type" and v.startswith(b"text/event-stream"):
+                return True
+        elif k == "content-type" and v.startswith("text/event-stream"):
+            return True
+    return False
 
 
 def usage_of_body(endpoint: Endpoint, data: bytes) -> Usage | None:
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
+    """The usage a JSON response body reports; None when it has none or is no JSON object.
+
+    Usage is a member of the top-level object, near its end. The last ``"usage"`` key is one
+    exactly when the text from that key on, reopened with ``{``, is an object by itself (a
+    nested key would leave closing brackets over): then only that tail is parsed, never the
+    answer's text. Otherwise the whole body is."""
+    at = data.rfind(b'"usage"')
+    if at < 0:
         return None
+    try:
+        obj = orjson.loads(b"{" + data[at:])
+    except orjson.JSONDecodeError:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
     return protocols.usage_from_body(endpoint, obj) if isinstance(obj, dict) else None
 
 

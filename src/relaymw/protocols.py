@@ -6,6 +6,7 @@ relaymw never translates between protocols; it only rewrites a request within it
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
@@ -227,6 +228,10 @@ _FORWARD: dict[str, dict[bytes | str, str]] = {
 }
 
 
+# Not visible ASCII, space or tab: control characters (CR, LF, NUL) and non-ASCII text.
+_UNSENDABLE = re.compile(r"[^\t\x20-\x7e]")
+
+
 def upstream_headers(
     upstream: Upstream,
     client_headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]],
@@ -242,7 +247,11 @@ def upstream_headers(
             key = allowed.get(name.lower())
             if key is None:
                 continue
-        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        text = (value.decode("latin-1") if isinstance(value, bytes) else value).strip(" \t")
+        if _UNSENDABLE.search(text):  # an HTTP client refuses to send it: say so, not 502
+            raise RequestRejected(
+                400, "invalid_request", f"the {key} header holds characters it may not hold"
+            )
         out[key] = f"{out[key]},{text}" if key in out else text
     if upstream.protocol == "anthropic":
         out.setdefault("anthropic-version", upstream.anthropic_version)
@@ -255,9 +264,11 @@ def upstream_headers(
 
 # Upstream response headers passed to the client. Never hop-by-hop, length/encoding (relaymw
 # re-frames the body), set-cookie, the account's rate-limit headers (relaymw sets its own) or
-# the account's organisation ids.
-_RESPONSE_HEADERS = {
-    n: n.encode()
+# the account's organisation ids. Keys are str and bytes (raw, as an upstream client received
+# them; Title-Case too, as many HTTP/1.1 servers send them), values the lower-case bytes ASGI
+# wants.
+_RESPONSE_HEADERS: dict[str | bytes, bytes] = {
+    k: n.encode()
     for n in (
         "content-type",
         "cache-control",
@@ -269,15 +280,25 @@ _RESPONSE_HEADERS = {
         "openai-processing-ms",
         "openai-version",
     )
+    for k in (n, n.encode(), n.title().encode())
 }
 
 
-def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+def response_headers(
+    headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]],
+) -> list[tuple[bytes, bytes]]:
+    """The upstream headers passed to the client, as ASGI header pairs; names in any case."""
     out = []
+    allowed = _RESPONSE_HEADERS.get
     for name, value in headers:
-        raw = _RESPONSE_HEADERS.get(name) or _RESPONSE_HEADERS.get(name.lower())
-        if raw is not None:
-            out.append((raw, value.encode("latin-1")))
+        raw = allowed(name)
+        if raw is None:
+            if name.islower():  # most are dropped, and already lower-case
+                continue
+            raw = allowed(name.lower())
+            if raw is None:
+                continue
+        out.append((raw, value if isinstance(value, bytes) else value.encode("latin-1")))
     return out
 
 
@@ -339,7 +360,7 @@ class Usage:
 
 
 def _int(v: object) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+    return v if type(v) is int else 0  # not a bool (JSON parsers give exact ints)
 
 
 def _detail(u: dict[str, Any], key: str) -> int:
@@ -407,6 +428,9 @@ _OUTPUT_KEYS: dict[str, tuple[bytes, ...]] = {
     "messages": (b'"text"', b'"partial_json"', b'"thinking"'),
 }
 _MAX_EVENT = 16 << 20  # a runaway "event" larger than this is passed through unscanned
+# With defer_count, events wait uncounted up to this many bytes: a stream that ends with its
+# usage (the common case) is never counted at all, and memory stays bounded.
+_DEFER_BYTES = 64 << 10
 _TRIGGERS: dict[str, tuple[bytes, ...]] = {
     "responses": (b"response.completed", b"response.incomplete", b"response.failed"),
     "messages": (b"message_start", b"message_delta", b"message_stop"),
@@ -420,11 +444,33 @@ _ANTHROPIC_KEYS = (
 )
 
 
-def _last_boundary(data: bytes | bytearray, start: int) -> int:
-    """The offset just past the last event separator in ``data[start:]``, else ``start``."""
-    i = data.rfind(b"\n\n", start)
-    j = data.rfind(b"\r\n\r\n", start)
-    return max(i + 2 if i >= 0 else start, j + 4 if j >= 0 else start)
+# A CRLF separator has no "\n\n" in it, so it is searched for too, but only in data that has
+# a "\r" at all (one memchr): most streams use "\n" alone, and a failed rfind reads every byte.
+# Single bytes are tested as ints: ``b"\r" in data`` first tries the bytes object as an int
+# and pays for a formatted TypeError on every call.
+_CR, _LF, _BACKSLASH = 0x0D, 0x0A, 0x5C
+
+
+def _last_boundary(data: bytes | bytearray, start: int, end: int | None = None) -> int:
+    """The offset just past the last event separator in ``data[start:end]``, else ``start``."""
+    i = data.rfind(b"\n\n", start, end)
+    i = i + 2 if i >= 0 else start
+    if _CR in data:
+        j = data.rfind(b"\r\n\r\n", start, end)
+        if j >= 0 and j + 4 > i:
+            return j + 4
+    return i
+
+
+def _event_end(data: bytes, at: int, end: int) -> tuple[int, int]:
+    """(end of text, end with separator) of the event holding offset ``at``."""
+    nn = data.find(b"\n\n", at, end)
+    rr = data.find(b"\r\n\r\n", at, end) if _CR in data else -1
+    if nn >= 0 and (rr < 0 or nn < rr):
+        return nn, nn + 2
+    if rr >= 0:
+        return rr, rr + 4
+    return end, end
 
 
 def _first_boundary(data: bytes) -> int:
@@ -439,7 +485,7 @@ def _events(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]
     """(start, end of text, end with separator) of each event in ``data[start:end]``."""
     pos = start
     nn = data.find(b"\n\n", pos, end)
-    rr = data.find(b"\r\n\r\n", pos, end)
+    rr = data.find(b"\r\n\r\n", pos, end) if _CR in data else -1
     while pos < end:
         # Re-search only a separator kind already passed: keeps a chunk's split linear.
         if 0 <= nn < pos:
@@ -457,20 +503,28 @@ def _events(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]
             return
 
 
-def _has_usage_object(data: bytes, start: int, end: int) -> bool:
-    """Whether ``"usage"`` is followed by an object (every chunk may carry ``"usage":null``)."""
-    i = data.find(b'"usage"', start, end)
+def _last_usage_object(data: bytes, start: int, end: int) -> int:
+    """The offset of the last ``"usage"`` key in ``data[start:end]`` whose value is an object,
+    -1 if none. (A key never matches inside a string, where quotes are escaped.)
+
+    Only a region's last report is read: usage is cumulative, so it supersedes any before it.
+    The search runs from the end, where OpenAI puts a stream's one usage chunk; every other
+    chunk carries ``"usage":null``, which costs one look per chunk.
+    """
+    i = data.rfind(b'"usage"', start, end)
     while i >= 0:
         j = i + 7
         while j < end and data[j] in b" \t:":
             j += 1
         if j < end and data[j] == 0x7B:  # "{"
-            return True
-        i = data.find(b'"usage"', j, end)
-    return False
+            return i
+        i = data.rfind(b'"usage"', start, i)
+    return -1
 
 
 def _event_data(event: bytes) -> bytes | None:
+    if event.startswith(b"data: ") and _LF not in event and _CR not in event:
+        return event[6:]  # the usual event: one data line
     parts = [
         line[6:] if line.startswith(b"data: ") else line[5:]
         for line in event.splitlines()
@@ -489,7 +543,40 @@ class StreamObserver:
     and can end the stream cleanly (:meth:`cut`). With ``whole_events`` (implied by
     ``drop_usage_chunk``) :meth:`feed` forwards only complete events and holds back a partial
     one, so that a cut never leaves the client half an event.
+
+    With ``defer_count`` (ignored when there is an ``output_limit``) the output is counted
+    only when :attr:`output_tokens` or :meth:`cut` is read, from the complete events kept
+    meanwhile (at most 64 KiB of them; beyond that they are counted as they come): a caller
+    that needs the count only when the upstream reported no usage pays for it only then.
     """
+
+    __slots__ = (
+        "_anthropic",
+        "_blocks",
+        "_bytes_per_token",
+        "_defer",
+        "_drop",
+        "_endpoint",
+        "_held",
+        "_ident",
+        "_ident_tries",
+        "_kind",
+        "_limit",
+        "_openai",
+        "_out_bytes",
+        "_out_events",
+        "_out_keys",
+        "_sequence",
+        "_skip",
+        "_triggers",
+        "_uncounted",
+        "_uncounted_bytes",
+        "_whole",
+        "cut_short",
+        "done",
+        "limit_reached",
+        "usage",
+    )
 
     usage: Usage | None
     done: bool
@@ -503,6 +590,7 @@ class StreamObserver:
         whole_events: bool = False,
         bytes_per_token: int = BYTES_PER_TOKEN,
         output_limit: int | None = None,
+        defer_count: bool = False,
     ) -> None:
         self._endpoint = endpoint
         self._kind = endpoint.kind
@@ -520,6 +608,9 @@ class StreamObserver:
         self._ident_tries = 0
         self._blocks = [0, 0]  # anthropic content_block_start / content_block_stop events
         self._sequence = -1  # the last responses sequence_number
+        self._defer = defer_count and output_limit is None
+        self._uncounted: list[tuple[bytes, int, int]] = []  # complete events not counted yet
+        self._uncounted_bytes = 0
         self.cut_short = False
         self._openai = endpoint.kind not in _TRIGGERS
         self._triggers = _TRIGGERS.get(endpoint.kind, (b"[DONE]",))
@@ -559,7 +650,7 @@ class StreamObserver:
         drops = None
         if end > start:
             if self._limit is None:
-                self._count(data, start, end)
+                self._note_output(data, start, end)
             else:
                 end = self._count_to_limit(data, start, end, self._limit)
             drops = self._scan(data, start, end)
@@ -586,25 +677,54 @@ class StreamObserver:
         held = bytes(self._held)
         self._held.clear()
         if held and not self._skip:
-            self._count(held, 0, len(held))
-            if self._interesting(held, 0, len(held)):
+            self._note_output(held, 0, len(held))
+            if self._marks(held, 0, len(held)):
                 self._handle(held)
         self._skip = False
         return held if self._whole else b""
 
-    def _interesting(self, data: bytes, start: int, end: int) -> bool:
+    def _marks(self, data: bytes, start: int, end: int) -> list[int]:
+        """Offsets, in order, that put an event of ``data[start:end]`` worth reading: usage
+        or an end marker. Each kind costs one C-speed pass over the region."""
+        marks = []
+        if self._openai:
+            usage = _last_usage_object(data, start, end)
+            if usage >= 0:
+                marks.append(usage)
         for t in self._triggers:
-            if data.find(t, start, end) >= 0:
-                return True
-        return self._openai and _has_usage_object(data, start, end)
+            i = data.find(t, start, end)
+            while i >= 0:
+                marks.append(i)
+                i = data.find(t, i + len(t), end)
+        if len(marks) > 1:
+            marks.sort()
+        return marks
 
     def _scan(self, data: bytes, start: int, end: int) -> list[tuple[int, int]] | None:
-        """Read the complete events in ``data[start:end]``; return the spans to drop."""
-        if not self._interesting(data, start, end):
-            return None
-        drops = []
-        for s, text_end, e in _events(data, start, end):
-            if self._interesting(data, s, text_end) and self._handle(data[s:text_end]):
+        """Read the complete events in ``data[start:end]``; return the spans to drop.
+
+        Only the marked events are looked at: the content events in between cost nothing."""
+        drops = None
+        e = start
+        crlf = _CR in data
+        for at in self._marks(data, start, end):
+            if at < e:
+                continue  # in the event just read
+            # The event around ``at``: from just past the separator before it, to the next.
+            if crlf:
+                s = _last_boundary(data, e, at)
+                text_end, e = _event_end(data, at, end)
+            else:  # "\n\n" alone, inline: this runs for every event read
+                s = data.rfind(b"\n\n", e, at)
+                s = s + 2 if s >= 0 else e
+                text_end = data.find(b"\n\n", at, end)
+                if text_end < 0:
+                    text_end = e = end
+                else:
+                    e = text_end + 2
+            if self._handle(data[s:text_end]):
+                if drops is None:
+                    drops = []
                 drops.append((s, e))
         return drops
 
@@ -622,6 +742,12 @@ class StreamObserver:
             return False
         if not isinstance(obj, dict):
             return False
+        if self._openai:
+            u = obj.get("usage")
+            if not isinstance(u, dict):
+                return False
+            self.usage = _usage(self._kind, u)
+            return self._drop and not obj.get("choices")
         kind = obj.get("type")
         if self._kind == "messages":
             if kind == "message_start":
@@ -632,18 +758,12 @@ class StreamObserver:
             elif kind == "message_stop":
                 self.done = True
             return False
-        if self._kind == "responses":
-            if kind in _RESPONSES_END:
-                self.done = True
-                resp = obj.get("response")
-                if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
-                    self.usage = _usage("responses", resp["usage"])
-            return False
-        u = obj.get("usage")
-        if not isinstance(u, dict):
-            return False
-        self.usage = _usage(self._kind, u)
-        return self._drop and not obj.get("choices")
+        if self._kind == "responses" and kind in _RESPONSES_END:
+            self.done = True
+            resp = obj.get("response")
+            if isinstance(resp, dict) and isinstance(resp.get("usage"), dict):
+                self.usage = _usage("responses", resp["usage"])
+        return False
 
     def _merge_anthropic(self, u: object) -> None:
         if not isinstance(u, dict):
@@ -667,6 +787,7 @@ class StreamObserver:
         token) and code, and matches CJK (3 bytes per character). Nothing is JSON-parsed: one
         ``bytes.find`` per key and complete region. An event larger than 16 MiB is not
         counted."""
+        self._count_deferred()
         size = self._out_bytes
         estimate = max(self._out_events, -(-size // self._bytes_per_token))
         reported = self.usage.completion_tokens if self.usage is not None else 0
@@ -680,6 +801,23 @@ class StreamObserver:
                 self.limit_reached = True
                 return e
         return end
+
+    def _note_output(self, data: bytes, start: int, end: int) -> None:
+        """Count the complete events ``data[start:end]`` now, or keep them for later."""
+        if not self._defer:
+            self._count(data, start, end)
+            return
+        self._uncounted.append((data, start, end))
+        self._uncounted_bytes += end - start
+        if self._uncounted_bytes > _DEFER_BYTES:
+            self._count_deferred()
+
+    def _count_deferred(self) -> None:
+        uncounted = self._uncounted
+        if uncounted:
+            self._uncounted, self._uncounted_bytes = [], 0
+            for data, start, end in uncounted:
+                self._count(data, start, end)
 
     def _count(self, data: bytes, start: int, end: int) -> None:
         """Count the generated text in the complete events ``data[start:end]``."""
@@ -734,6 +872,7 @@ class StreamObserver:
         """
         if self.done:
             return b""
+        self._count_deferred()  # the stream's id, model and open block come from the count
         self.done = self.cut_short = True
         partial = bool(self._held) and not self._whole
         self._held.clear()
@@ -788,7 +927,7 @@ def _string_value(data: bytes, key: bytes, start: int, end: int) -> str:
             close = _string_end(data, j, end)
             if close >= 0:
                 raw = data[j:close]
-                if b"\\" not in raw:  # ids and model names: no escapes, no JSON parse
+                if _BACKSLASH not in raw:  # ids and model names: no escapes, no JSON parse
                     return raw.decode("utf-8", "replace")
                 try:
                     value = orjson.loads(data[j - 1 : close + 1])

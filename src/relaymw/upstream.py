@@ -13,6 +13,7 @@ lower-cased), so dropping ``content-encoding``/``content-length`` is the caller'
 Transport failures become :class:`~relaymw.errors.UpstreamTimeout` or
 :class:`~relaymw.errors.UpstreamConnectionError`, raised from ``send`` and from body reads;
 messages name ``host:port`` only (never headers or URLs), the original error is ``__cause__``.
+Every client maps them in one place, :class:`_Translated`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from types import TracebackType
 from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -46,10 +48,27 @@ class AsyncUpstreamResponse(Protocol):
     """A response whose body has not been read yet. Always ``aclose()`` it."""
 
     status: int
-    headers: list[tuple[str, str]]
+
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
+        """As received, names in their own case (nothing decoded: the cheap form)."""
+        ...
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """Names lower-cased, values decoded as latin-1."""
+        ...
+
+    async def read_chunk(self, on_wait: Callable[[], object] | None = None) -> bytes:
+        """The next decompressed body chunk: whatever has arrived, as it arrives (no line
+        splitting); ``b""`` at the end, when the response is closed.
+
+        ``on_wait`` is called before a read that has to wait for the network, never when the
+        data is already there (an implementation that cannot tell calls it every time)."""
+        ...
 
     def aiter_chunks(self) -> AsyncIterator[bytes]:
-        """Decompressed body chunks as they arrive (no buffering or line splitting)."""
+        """The chunks of :meth:`read_chunk` as an iterator."""
         ...
 
     async def read(self) -> bytes: ...
@@ -70,7 +89,9 @@ class AsyncUpstreamClient(Protocol):
 
 class SyncUpstreamResponse(Protocol):
     status: int
-    headers: list[tuple[str, str]]
+
+    @property
+    def headers(self) -> list[tuple[str, str]]: ...
 
     def iter_chunks(self) -> Iterator[bytes]: ...
 
@@ -99,32 +120,86 @@ def _where(base_url: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _upstream_error(exc: BaseException, where: str, phase: str) -> UpstreamError:
-    # Only host:port and the error's type: str(exc) may carry a URL with a query string.
-    kind = "timed out" if isinstance(exc, _TIMEOUTS) else "failed"
-    cls = UpstreamTimeout if kind == "timed out" else UpstreamConnectionError
-    return cls(f"upstream {where} {kind} {phase} ({type(exc).__name__})")
+class _Translated:
+    """``with`` block whose transport errors leave as the seam's :class:`UpstreamError`: the
+    one place where every client maps them, before the headers and while reading the body."""
+
+    __slots__ = ("_phase", "_where")
+
+    def __init__(self, where: str, phase: str) -> None:
+        self._where = where
+        self._phase = phase
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, _TRANSPORT_ERRORS):
+            # Only host:port and the error's type: str(exc) may carry a URL with a query.
+            timed_out = isinstance(exc, _TIMEOUTS)
+            cls = UpstreamTimeout if timed_out else UpstreamConnectionError
+            what = "timed out" if timed_out else "failed"
+            raise cls(
+                f"upstream {self._where} {what} {self._phase} ({type(exc).__name__})"
+            ) from exc
 
 
-_BEFORE, _BODY = "before the response headers", "reading the response body"
+class _ClientBase:
+    """Where a client connects, and its error mapping for each phase of a call."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        where = _where(upstream.base_url)
+        self._connecting = _Translated(where, "before the response headers")
+        self._reading = _Translated(where, "reading the response body")
+        self._inflight = 0
+        self._retired = self._closed = False
 
 
-def _lower_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    # latin-1 keeps every byte, so the caller can re-encode the values losslessly for ASGI.
-    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw]
+class _ResponseBase:
+    """Headers kept raw as received; decoded only if someone asks for :attr:`headers`."""
+
+    __slots__ = ("_closed", "_decoded", "raw_headers", "status")
+
+    def __init__(self, status: int, raw_headers: Sequence[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.raw_headers = raw_headers
+        self._decoded: list[tuple[str, str]] | None = None
+        self._closed = False
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        if self._decoded is None:
+            # latin-1 keeps every byte, so the caller can re-encode the values losslessly.
+            self._decoded = [
+                (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in self.raw_headers
+            ]
+        return self._decoded
+
+
+class _AsyncResponseBase(_ResponseBase):
+    __slots__ = ()
+
+    async def read_chunk(self, on_wait: Callable[[], object] | None = None) -> bytes:
+        raise NotImplementedError
+
+    async def aiter_chunks(self) -> AsyncIterator[bytes]:
+        # The relay itself calls read_chunk: an async generator costs more per response
+        # (the event loop registers and finalizes each one).
+        while chunk := await self.read_chunk():
+            yield chunk
 
 
 # Background close tasks must be referenced until done, or they can be garbage-collected.
 _closing: set[asyncio.Task[None]] = set()
 
 
-class _AsyncClientBase:
+class _AsyncClientBase(_ClientBase):
     """Counts open responses so that a client replaced on reload closes only once idle."""
-
-    def __init__(self, upstream: Upstream) -> None:
-        self._where = _where(upstream.base_url)
-        self._inflight = 0
-        self._retired = self._closed = False
 
     def _retire(self) -> None:
         self._retired = True
@@ -145,35 +220,43 @@ class _AsyncClientBase:
         raise NotImplementedError
 
 
-class _AiohttpResponse:
-    __slots__ = ("_closed", "_owner", "_resp", "headers", "status")
+class _AiohttpResponse(_AsyncResponseBase):
+    __slots__ = ("_owner", "_resp")
 
     def __init__(self, owner: AiohttpUpstreamClient, resp: aiohttp.ClientResponse) -> None:
-        self.status = resp.status
-        self.headers = _lower_headers(resp.raw_headers)
+        super().__init__(resp.status, resp.raw_headers)
         self._owner = owner
         self._resp = resp
-        self._closed = False
 
-    async def aiter_chunks(self) -> AsyncIterator[bytes]:
-        readany = self._resp.content.readany  # one coroutine per chunk, no iterator layer
+    async def read_chunk(self, on_wait: Callable[[], object] | None = None) -> bytes:
+        if self._closed:
+            return b""
+        content = self._resp.content
         try:
-            while chunk := await readany():
-                yield chunk
-        except _TRANSPORT_ERRORS as exc:
-            await self.aclose()
-            raise _upstream_error(exc, self._owner._where, _BODY) from exc
-        await self.aclose()
+            with self._owner._reading:
+                chunk = content.read_nowait()  # whatever has arrived, in one piece
+                if not chunk and not content.at_eof():
+                    if on_wait is not None:
+                        on_wait()
+                    chunk = await content.readany()
+        except UpstreamError:
+            self._close()
+            raise
+        if not chunk:
+            self._close()
+        return chunk
 
     async def read(self) -> bytes:
         try:
-            return await self._resp.read()
-        except _TRANSPORT_ERRORS as exc:
-            raise _upstream_error(exc, self._owner._where, _BODY) from exc
+            with self._owner._reading:
+                return await self._resp.read()
         finally:
-            await self.aclose()
+            self._close()
 
     async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:  # nothing in it waits: no coroutine on the hot path
         if self._closed:
             return
         self._closed = True
@@ -218,13 +301,12 @@ class AiohttpUpstreamClient(_AsyncClientBase):
             session = self._session = self._new_session()
         self._inflight += 1  # before the await: a reload must not close a request in progress
         try:
-            resp = await session.request(
-                method, url, headers=headers, data=body or None, allow_redirects=False
-            )
-        except BaseException as exc:
+            with self._connecting:
+                resp = await session.request(
+                    method, url, headers=headers, data=body or None, allow_redirects=False
+                )
+        except BaseException:
             self._release()
-            if isinstance(exc, _TRANSPORT_ERRORS):
-                raise _upstream_error(exc, self._where, _BEFORE) from exc
             raise
         return _AiohttpResponse(self, resp)
 
@@ -234,30 +316,38 @@ class AiohttpUpstreamClient(_AsyncClientBase):
             await self._session.close()
 
 
-class _HttpxAsyncResponse:
-    __slots__ = ("_closed", "_owner", "_resp", "headers", "status")
+class _HttpxAsyncResponse(_AsyncResponseBase):
+    __slots__ = ("_chunks", "_owner", "_resp")
 
     def __init__(self, owner: HttpxAsyncUpstreamClient, resp: httpx.Response) -> None:
-        self.status = resp.status_code
-        self.headers = _lower_headers(resp.headers.raw)
+        super().__init__(resp.status_code, resp.headers.raw)
         self._owner = owner
         self._resp = resp
-        self._closed = False
+        self._chunks: AsyncIterator[bytes] | None = None
 
-    async def aiter_chunks(self) -> AsyncIterator[bytes]:
+    async def read_chunk(self, on_wait: Callable[[], object] | None = None) -> bytes:
+        if self._closed:
+            return b""
+        if on_wait is not None:  # httpx cannot tell whether the next chunk has arrived
+            on_wait()
+        if self._chunks is None:
+            self._chunks = self._resp.aiter_bytes()
         try:
-            async for chunk in self._resp.aiter_bytes():
-                yield chunk
-        except _TRANSPORT_ERRORS as exc:
+            with self._owner._reading:
+                chunk = await self._chunks.__anext__()  # never b"": httpx skips empty ones
+        except StopAsyncIteration:
+            chunk = b""
+        except UpstreamError:
             await self.aclose()
-            raise _upstream_error(exc, self._owner._where, _BODY) from exc
-        await self.aclose()
+            raise
+        if not chunk:
+            await self.aclose()
+        return chunk
 
     async def read(self) -> bytes:
         try:
-            return await self._resp.aread()
-        except _TRANSPORT_ERRORS as exc:
-            raise _upstream_error(exc, self._owner._where, _BODY) from exc
+            with self._owner._reading:
+                return await self._resp.aread()
         finally:
             await self.aclose()
 
@@ -289,13 +379,12 @@ class HttpxAsyncUpstreamClient(_AsyncClientBase):
     ) -> AsyncUpstreamResponse:
         self._inflight += 1
         try:
-            request = self._client.build_request(method, url, headers=headers, content=body)
-            # Not client.stream(): its context manager would close the body on return.
-            resp = await self._client.send(request, stream=True)
-        except BaseException as exc:
+            with self._connecting:
+                request = self._client.build_request(method, url, headers=headers, content=body)
+                # Not client.stream(): its context manager would close the body on return.
+                resp = await self._client.send(request, stream=True)
+        except BaseException:
             self._release()
-            if isinstance(exc, _TRANSPORT_ERRORS):
-                raise _upstream_error(exc, self._where, _BEFORE) from exc
             raise
         return _HttpxAsyncResponse(self, resp)
 
@@ -304,29 +393,27 @@ class HttpxAsyncUpstreamClient(_AsyncClientBase):
         await self._client.aclose()
 
 
-class _HttpxSyncResponse:
-    __slots__ = ("_closed", "_owner", "_resp", "headers", "status")
+class _HttpxSyncResponse(_ResponseBase):
+    __slots__ = ("_owner", "_resp")
 
     def __init__(self, owner: HttpxSyncUpstreamClient, resp: httpx.Response) -> None:
-        self.status = resp.status_code
-        self.headers = _lower_headers(resp.headers.raw)
+        super().__init__(resp.status_code, resp.headers.raw)
         self._owner = owner
         self._resp = resp
-        self._closed = False
 
     def iter_chunks(self) -> Iterator[bytes]:
         try:
-            yield from self._resp.iter_bytes()
-        except _TRANSPORT_ERRORS as exc:
+            with self._owner._reading:
+                yield from self._resp.iter_bytes()
+        except UpstreamError:
             self.close()
-            raise _upstream_error(exc, self._owner._where, _BODY) from exc
+            raise
         self.close()
 
     def read(self) -> bytes:
         try:
-            return self._resp.read()
-        except _TRANSPORT_ERRORS as exc:
-            raise _upstream_error(exc, self._owner._where, _BODY) from exc
+            with self._owner._reading:
+                return self._resp.read()
         finally:
             self.close()
 
@@ -337,28 +424,25 @@ class _HttpxSyncResponse:
             self._owner._add_inflight(-1)
 
 
-class HttpxSyncUpstreamClient:
+class HttpxSyncUpstreamClient(_ClientBase):
     """:class:`SyncUpstreamClient` on ``httpx.Client``; safe to share between threads."""
 
     def __init__(self, upstream: Upstream) -> None:
-        self._where = _where(upstream.base_url)
+        super().__init__(upstream)
         timeout, limits = _httpx_options(upstream)
         self._client = httpx.Client(timeout=timeout, limits=limits, trust_env=False)
         self._lock = threading.Lock()
-        self._inflight = 0
-        self._retired = self._closed = False
 
     def send(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes
     ) -> SyncUpstreamResponse:
         self._add_inflight(1)
         try:
-            request = self._client.build_request(method, url, headers=headers, content=body)
-            resp = self._client.send(request, stream=True)
-        except BaseException as exc:
+            with self._connecting:
+                request = self._client.build_request(method, url, headers=headers, content=body)
+                resp = self._client.send(request, stream=True)
+        except BaseException:
             self._add_inflight(-1)
-            if isinstance(exc, _TRANSPORT_ERRORS):
-                raise _upstream_error(exc, self._where, _BEFORE) from exc
             raise
         return _HttpxSyncResponse(self, resp)
 
