@@ -212,6 +212,7 @@ class BudgetLedger:
                 scripts = client.register_script(_RESERVE), client.register_script(_SETTLE)
                 self._clients[lib is redis.asyncio] = (client, *scripts)
         self._down_until, self._down = 0.0, False
+        self._failed_at = 0.0  # when Redis last failed: earlier calls cannot end an outage
         self._lock = threading.Lock()
 
     def reserve(
@@ -355,19 +356,23 @@ class BudgetLedger:
 
     def _run(self, script: int, call: dict[str, list[Any]]) -> Any:
         """Run script 1 (reserve) or 2 (settle) in Redis; see :meth:`_failed` for failures."""
+        sent = time.monotonic()
         try:
             result = self._clients[False][script](**call)
         except self._errors as exc:
             return self._failed(exc, script)
-        self._down = False
+        if sent > self._failed_at:  # a call sent before the last failure cannot end it
+            self._down = False
         return result
 
     async def _arun(self, script: int, call: dict[str, list[Any]]) -> Any:  # _run, async
+        sent = time.monotonic()
         try:
             result = await self._clients[True][script](**call)
         except self._errors as exc:
             return self._failed(exc, script)
-        self._down = False
+        if sent > self._failed_at:  # a call sent before the last failure cannot end it
+            self._down = False
         return result
 
     def _use_redis(self) -> bool:
@@ -376,7 +381,8 @@ class BudgetLedger:
     def _failed(self, exc: Exception, script: int) -> list[Any] | None:
         """Redis failed: note the outage (one signal). A reservation is then made in memory or
         refused (None, see _admit); a settlement is lost ([]: the worst case stays reserved)."""
-        self._down_until = time.monotonic() + self.probe_interval
+        self._failed_at = time.monotonic()
+        self._down_until = self._failed_at + self.probe_interval
         error, password = f"{type(exc).__name__}: {exc}", urlsplit(self._uri).password
         if password:
             error = error.replace(password, "***")
