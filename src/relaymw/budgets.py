@@ -213,6 +213,9 @@ class BudgetLedger:
                 self._clients[lib is redis.asyncio] = (client, *scripts)
         self._down_until, self._down = 0.0, False
         self._failed_at = 0.0  # when Redis last failed: earlier calls cannot end an outage
+        # Pooled connections that died with the old server fail once more after a restart:
+        # a failure this soon after recovery belongs to the same outage (one signal each).
+        self._recovered_at = float("-inf")
         self._lock = threading.Lock()
 
     def reserve(
@@ -362,7 +365,7 @@ class BudgetLedger:
         except self._errors as exc:
             return self._failed(exc, script)
         if sent > self._failed_at:  # a call sent before the last failure cannot end it
-            self._down = False
+            self._recovered()
         return result
 
     async def _arun(self, script: int, call: dict[str, list[Any]]) -> Any:  # _run, async
@@ -372,8 +375,12 @@ class BudgetLedger:
         except self._errors as exc:
             return self._failed(exc, script)
         if sent > self._failed_at:  # a call sent before the last failure cannot end it
-            self._down = False
+            self._recovered()
         return result
+
+    def _recovered(self) -> None:
+        if self._down:
+            self._down, self._recovered_at = False, time.monotonic()
 
     def _use_redis(self) -> bool:
         return self._redis and time.monotonic() >= self._down_until
@@ -387,7 +394,8 @@ class BudgetLedger:
         if password:
             error = error.replace(password, "***")
         with self._lock:
-            first, self._down = not self._down, True
+            settling = self._failed_at - self._recovered_at < self.probe_interval
+            first, self._down = not self._down and not settling, True
         if first:
             log.warning("relaymw: budget storage %s unavailable: %s", self.store, error)
             event = {"store": self.store, "error": error, "component": "budgets"}
