@@ -110,7 +110,9 @@ def serve(
     with contextlib.ExitStack() as stack:
         if config is None:
             fake = stack.enter_context(local_upstream())
-            print(f"relaymw: embedded default config, FakeLLM upstream at {fake.base_url}")
+            print(
+                f"relaymw: embedded default config, FakeLLM upstream at {fake.base_url}", flush=True
+            )
             relay = Relay()
         else:
             relay = Relay.from_store(config)
@@ -120,8 +122,11 @@ def serve(
         except ValueError as exc:  # an empty token, or one token under two names
             raise RelayError(f"admin API: {exc}") from None
         aliases = ", ".join(relay.snapshot.routes) or "(none)"
-        print(f"relaymw: gateway on http://{host}:{port}/v1  routes: {aliases}")
+        print(f"relaymw: gateway on http://{host}:{port}/v1  routes: {aliases}", flush=True)
         if token or named:
             names = ", ".join(([] if not token else ["admin"]) + list(named))
-            print(f"relaymw: admin API on http://{host}:{port}{ADMIN_PREFIX}  tokens: {names}")
+            print(
+                f"relaymw: admin API on http://{host}:{port}{ADMIN_PREFIX}  tokens: {names}",
+                flush=True,
+            )
         uvicorn.run(app, host=host, port=port, log_level="warning")
