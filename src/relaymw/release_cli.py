@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from relaymw.cli import EXIT_OK, EXIT_USAGE, UsageError, _fmt_weight, _table
+from relaymw.cli import EXIT_OK, EXIT_USAGE, UsageError, _fmt_weight, _table, int_at_least
 from relaymw.control import AdminControl, ControlError, Figures, RelayControl, ReleaseControl
 from relaymw.errors import RelayError
 from relaymw.rollout import (
@@ -396,16 +396,6 @@ def _stages(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def add_rollout(sub: SubParsers) -> None:
     p = sub.add_parser(
         "rollout",
@@ -442,7 +432,7 @@ def add_rollout(sub: SubParsers) -> None:
         "window (a sequential error-rate test, and p99 more than 1.5x the stable's)",
     )  # fmt: skip
     p.add_argument(
-        "--min-requests", type=_count, default=100, metavar="N",
+        "--min-requests", type=int_at_least(0), default=100, metavar="N",
         help="hold a stage until the canary (and, with --baseline, the stable version) has "
         "N requests in it (default: 100)",
     )  # fmt: skip
