@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import openai
 import pytest
+import redis
 
 from relaymw import Relay, RelayMiddleware
 from relaymw.budgets import identity_scope
 from relaymw.testing import FakeLLM, serve_asgi
 from tests.support import Recorder, relay_document
+from tests.test_limiting import OwnRedis
 
 
 async def _not_found(scope: Any, receive: Any, send: Any) -> None:
@@ -211,3 +215,58 @@ def test_missing_usage_is_estimated_and_says_so(fake_llm: FakeLLM, finished: Rec
     assert event["prompt_tokens"] > 0 and event["completion_tokens"] > 0
     assert event["cost_usd"] > 0
     relay.close()
+
+
+def test_on_redis_a_guarded_call_takes_six_scripts_and_concurrent_calls_share_round_trips(
+    fake_llm: FakeLLM, tmp_path: Path
+) -> None:
+    """A request limit, a token limit and a budget: admission tests the token estimate, hits
+    the request limit and reads its window (for the headers), then reserves the budget;
+    settlement counts the tokens and reconciles the budget. So 6 scripts, one round trip each
+    when calls come one at a time; concurrent calls share their round trips."""
+    server = OwnRedis(tmp_path)
+    server.start()
+    doc = chat_route(
+        relay_document(fake_llm.base_url),
+        rate_limits=["1000/minute"],
+        token_limits=["10000000/minute"],
+    )
+    doc["rate_limiting"] = {"storage_uri": server.uri, "identity": "api_key"}
+    doc["budgets"] = [{"scope": "route:chat-production", "period": "month", "limit_usd": 100}]
+    doc["budgeting"] = {"storage_uri": server.uri}
+    relay, app = serve(doc)
+    admin = redis.Redis.from_url(server.uri)
+
+    def counters() -> tuple[int, int]:
+        scripts = admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        return int(scripts), int(admin.info("stats")["total_reads_processed"])
+
+    body = {"model": "chat-production", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        with app as url, httpx.Client(base_url=url, headers={"x-api-key": "k"}) as client:
+            assert client.post("/v1/chat/completions", json=body).status_code == 200  # warm
+            for _ in range(3):
+                before = counters()
+                response = client.post("/v1/chat/completions", json=body)
+                assert response.status_code == 200
+                assert response.headers["ratelimit-limit"] == "1000"
+                time.sleep(0.2)  # settlement runs after the response is sent
+                scripts, reads = (a - b for a, b in zip(counters(), before, strict=True))
+                assert scripts == 6
+                assert reads == 6 + 2  # the two INFO calls of counters()
+
+            async def burst() -> list[int]:
+                async with httpx.AsyncClient(base_url=url, headers={"x-api-key": "k"}) as c:
+                    sent = [c.post("/v1/chat/completions", json=body) for _ in range(32)]
+                    return [r.status_code for r in await asyncio.gather(*sent)]
+
+            before = counters()
+            assert asyncio.run(burst()) == [200] * 32
+            time.sleep(0.5)
+            scripts, reads = (a - b for a, b in zip(counters(), before, strict=True))
+            assert scripts == 32 * 6
+            assert reads < 32 * 4 / 2  # waits overlap: round trips are shared
+    finally:
+        admin.close()
+        relay.close()
+        server.kill()

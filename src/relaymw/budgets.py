@@ -7,6 +7,11 @@ is admitted only if ``spent + reserved + amount <= limit`` for every applicable 
 and applied in one step (a Lua script in Redis, a lock in memory). Settling swaps a reservation
 ``r`` for the actual cost ``a <= r``, so ``spent + reserved <= limit`` always holds: once all
 calls have settled, ``spent <= limit`` and ``spent`` is exactly the sum of the actual costs.
+
+Cost per call: the counters that apply to a (route, identity) are worked out once per period
+and kept; reserving is one script call (one EVALSHA on Redis) and so is settling. The async
+path talks through a :class:`~relaymw.redis_pipeline.PipelinedRedis`, shared with the rate
+limits' when both use the same server, so those calls ride in the same writes as theirs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import attrs
 from relaymw import signals
 from relaymw.config import Budget
 from relaymw.errors import RequestRejected
+from relaymw.redis_pipeline import pipelined_client
 
 __all__ = ["BudgetLedger", "BudgetScopes", "Reservation", "identity_scope"]
 
@@ -95,7 +101,12 @@ class _Entry:
     resets_at: datetime
     expire_at: int  # when the counter is dropped (unix seconds)
     limit: int  # nano-dollars
-    alerts: str  # "0.5=500000000 0.8=800000000", for the settle script
+    thresholds: tuple[tuple[str, int], ...]  # (fraction, nano-dollars) for each alert
+
+    @property
+    def alerts(self) -> str:
+        """The thresholds as the settle script reads them: "0.5=500000000 0.8=800000000"."""
+        return " ".join(f"{fraction}={at}" for fraction, at in self.thresholds)
 
 
 @attrs.define(eq=False)
@@ -103,15 +114,37 @@ class Reservation:
     """A worst case held against budgets; settled once, by reconcile or release."""
 
     amount: Decimal
-    entries: tuple[_Entry, ...] = attrs.field(repr=False)
+    counters: _Counters = attrs.field(repr=False)
     nano: int = attrs.field(repr=False)
     backend: Literal["redis", "memory"]
     settled: bool = False
     actual: Decimal | None = None
 
 
-# entries, amount, nano, now, and the reserve script's keys and args
-_Plan = tuple[tuple[_Entry, ...], Decimal, int, datetime, dict[str, list[Any]]]
+@attrs.frozen
+class _Counters:
+    """The budgets that apply to one (route, identity) in the current periods, and the parts
+    of the scripts' arguments that do not depend on the call (kept until ``until``)."""
+
+    entries: tuple[_Entry, ...]
+    keys: list[str]
+    limits_and_expiry: list[int]  # the reserve script's ARGV after the amount
+    expiry_and_alerts: list[Any]  # the settle script's ARGV after the two amounts
+    until: float  # unix time of the first period end
+
+    @classmethod
+    def of(cls, entries: tuple[_Entry, ...]) -> _Counters:
+        expiry = [e.expire_at for e in entries]
+        until = min(e.resets_at for e in entries).timestamp()
+        keys = [e.key for e in entries]
+        return cls(entries, keys, [*(e.limit for e in entries), *expiry],
+                   [*expiry, *(e.alerts for e in entries)], until)  # fmt: skip
+
+
+# the counters, the amount and in nano-dollars, and "now" when the caller gave it
+_Plan = tuple[_Counters, Decimal, int, datetime | None]
+MAX_CACHED_SCOPES = 10_000  # (route, identity) pairs whose counters are kept
+_UNKNOWN: Any = object()
 
 
 def _to_nano(amount: Decimal) -> int:
@@ -166,8 +199,8 @@ class _Memory:
                 h = self.hashes.setdefault(e.key, {"spent": 0, "reserved": 0})
                 h["reserved"], h["spent"] = h["reserved"] - reserved, h["spent"] + actual
                 self.expiry[e.key] = e.expire_at
-                for frac, at in (item.split("=") for item in e.alerts.split()):
-                    if h["spent"] >= int(at) and not h.get("alert:" + frac):
+                for frac, at in e.thresholds:
+                    if h["spent"] >= at and not h.get("alert:" + frac):
                         h["alert:" + frac] = 1
                         fired += [i, frac, h["spent"]]
         return fired
@@ -200,15 +233,17 @@ class BudgetLedger:
         self._memory = _Memory()
         self._errors: tuple[type[Exception], ...] = (OSError,)
         self._clients: dict[bool, tuple[Any, Any, Any]] = {}  # async? -> client, scripts
+        self._counters: dict[tuple[str, str | None, str | None], Any] = {}  # _Counters | None
         if self._redis:  # no connection is made yet
             import redis.asyncio  # an optional dependency: imported for redis:// storage only
 
             # Unreachable (fail open or closed); any other error is a bug or misconfiguration.
             self._errors = (OSError, redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
             for lib in (redis, redis.asyncio):
-                client = lib.Redis.from_pool(
-                    lib.BlockingConnectionPool.from_url(storage_uri, **_POOL)
-                )
+                client = pipelined_client(storage_uri, timeout=_POOL["socket_timeout"])
+                if lib is redis or client is None:
+                    pool = lib.BlockingConnectionPool.from_url(storage_uri, **_POOL)
+                    client = lib.Redis.from_pool(pool)
                 scripts = client.register_script(_RESERVE), client.register_script(_SETTLE)
                 self._clients[lib is redis.asyncio] = (client, *scripts)
         self._down_until, self._down = 0.0, False
@@ -226,7 +261,7 @@ class BudgetLedger:
         plan = self._plan(scopes, amount, now)
         if plan is None:
             return None
-        return self._admit(plan, self._run(1, plan[4]) if self._use_redis() else None)
+        return self._admit(plan, self._run(1, _reserve_call(plan)) if self._use_redis() else None)
 
     async def areserve(
         self, scopes: BudgetScopes, amount: Decimal, now: datetime | None = None
@@ -235,7 +270,7 @@ class BudgetLedger:
         plan = self._plan(scopes, amount, now)
         if plan is None:
             return None
-        result = await self._arun(1, plan[4]) if self._use_redis() else None
+        result = await self._arun(1, _reserve_call(plan)) if self._use_redis() else None
         return self._admit(plan, result)
 
     def reconcile(self, reservation: Reservation | None, actual: Decimal) -> None:
@@ -273,7 +308,20 @@ class BudgetLedger:
 
     def _plan(self, scopes: BudgetScopes, amount: Decimal, now: datetime | None) -> _Plan | None:
         """The counters a request is checked against in this period, and its amount."""
-        moment, entries = _utc(now), dict[str, _Entry]()
+        key = (self.prefix, scopes.route, scopes.identity)
+        counters = self._counters.get(key, _UNKNOWN) if now is None else _UNKNOWN
+        if counters is _UNKNOWN or (counters is not None and time.time() >= counters.until):
+            counters = self._find_counters(scopes, _utc(now))
+            if now is None:  # "no budget applies" holds in every period
+                if len(self._counters) >= MAX_CACHED_SCOPES:
+                    self._counters.clear()
+                self._counters[key] = counters
+        if counters is None:
+            return None
+        return counters, amount, _to_nano(amount), now
+
+    def _find_counters(self, scopes: BudgetScopes, moment: datetime) -> _Counters | None:
+        entries = dict[str, _Entry]()
         ident = None if scopes.identity is None else identity_scope(scopes.identity)
         applicable = {"global": "global", "identity": ident}  # configured scope -> counted as
         if scopes.route is not None:
@@ -287,17 +335,14 @@ class BudgetLedger:
             if key in entries and entries[key].limit <= limit:
                 continue  # one scope and period configured twice: the lower limit wins
             expire_at = int((resets_at + EXPIRY_SLACK).timestamp())
-            alerts = (f"{f!r}={_to_nano(b.limit_usd * Decimal(repr(f)))}" for f in b.alert_at)
-            entries[key] = _Entry(key, scope, b, resets_at, expire_at, limit, " ".join(alerts))
-        if not entries:
-            return None
-        nano, found = _to_nano(amount), tuple(entries.values())
-        args = [nano, *(e.limit for e in found), *(e.expire_at for e in found)]
-        return found, amount, nano, moment, {"keys": list(entries), "args": args}
+            alerts = tuple((repr(f), _to_nano(b.limit_usd * Decimal(repr(f)))) for f in b.alert_at)
+            entries[key] = _Entry(key, scope, b, resets_at, expire_at, limit, alerts)
+        return _Counters.of(tuple(entries.values())) if entries else None
 
     def _admit(self, plan: _Plan, result: Sequence[Any] | None) -> Reservation:
         """A reservation from the script's answer (None: reserve in memory), or a 402."""
-        entries, amount, nano, now, _ = plan
+        counters, amount, nano, now = plan
+        entries = counters.entries
         backend: Literal["redis", "memory"] = "redis"
         if result is None:
             if self._redis and not self.fail_open:  # Redis is down and budgets fail closed
@@ -306,7 +351,7 @@ class BudgetLedger:
                 raise RequestRejected(503, "budget_store_unavailable", message, retry)
             backend, result = "memory", self._memory.reserve(entries, nano)
         if not int(result[0]):
-            return Reservation(amount, entries, nano, backend)
+            return Reservation(amount, counters, nano, backend)
         e = entries[int(result[0]) - 1]
         b, resets = e.budget, e.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
         event = {"scope": e.scope, "period": b.period, "limit_usd": b.limit_usd}
@@ -314,9 +359,12 @@ class BudgetLedger:
         label = "identity" if e.scope.startswith("identity:") else e.scope
         why = "is spent" if nano <= e.limit else f"is below this call's worst case, ${amount:.4f}"
         message = f"the budget of {label} (${b.limit_usd} per {b.period}) {why};"
-        wait = str(max(1, math.ceil((e.resets_at - now).total_seconds())))
+        wait = math.ceil((e.resets_at - _utc(now)).total_seconds())
         raise RequestRejected(
-            402, "budget_exceeded", f"{message} it resets at {resets}", [("Retry-After", wait)]
+            402,
+            "budget_exceeded",
+            f"{message} it resets at {resets}",
+            [("Retry-After", str(max(1, wait)))],
         )
 
     def _claim(self, reservation: Reservation, actual: Decimal) -> bool:
@@ -330,9 +378,10 @@ class BudgetLedger:
     def _settled(self, r: Reservation, fired: Sequence[Any] | None) -> None:
         """Send the alert thresholds crossed (``fired`` None: settle in memory first)."""
         if fired is None:
-            fired = self._memory.settle(r.entries, r.nano, _to_nano(r.actual or Decimal(0)))
+            actual = _to_nano(r.actual or Decimal(0))
+            fired = self._memory.settle(r.counters.entries, r.nano, actual)
         for i in range(0, len(fired), 3):
-            e, frac = r.entries[int(fired[i]) - 1], fired[i + 1]
+            e, frac = r.counters.entries[int(fired[i]) - 1], fired[i + 1]
             fraction = float(frac.decode() if isinstance(frac, bytes) else frac)
             event = {"scope": e.scope, "period": e.budget.period, "fraction": fraction}
             event.update(spent_usd=Decimal(int(fired[i + 2])) / NANO, limit_usd=e.budget.limit_usd)
@@ -405,6 +454,11 @@ class BudgetLedger:
         return [] if script == 2 else None
 
 
+def _reserve_call(plan: _Plan) -> dict[str, list[Any]]:
+    counters, _, nano, _ = plan
+    return {"keys": counters.keys, "args": [nano, *counters.limits_and_expiry]}
+
+
 def _settle_call(r: Reservation) -> dict[str, list[Any]]:
-    args = [-r.nano, _to_nano(r.actual or Decimal(0)), *(e.expire_at for e in r.entries)]
-    return {"keys": [e.key for e in r.entries], "args": [*args, *(e.alerts for e in r.entries)]}
+    amounts = [-r.nano, _to_nano(r.actual or Decimal(0))]
+    return {"keys": r.counters.keys, "args": [*amounts, *r.counters.expiry_and_alerts]}

@@ -3,14 +3,19 @@
 Exactness: each hit is one atomic ``limits`` call (a Lua script on Redis), so one limit admits
 exactly its amount whatever the number of workers. When several apply, all are tested first,
 so a request refused by one consumes nothing from the others; a race remains (another worker
-fills a later limit between test and hit: the earlier, tighter ones keep that one unit).
+fills a limit between test and hit: the other limits keep that one unit).
+
+Round trips: the algorithms yield their storage calls in batches: the tests; the hits, each
+followed by its window (for the headers); at settlement the token counts. On Redis
+(:mod:`relaymw.redis_pipeline`) the commands of all concurrent requests share the connection's
+writes, so under load a request costs a fraction of a round trip per batch.
 
 Unreachable storage: fail open to a per-process ``memory://`` limiter (same strategy) with one
 ``store_unavailable`` per outage, or fail closed with 503; the storage is probed again on a
 request once a backoff elapsed (``recovery_probe_seconds``, doubling, capped at 2 s).
 
-Each algorithm is a generator yielding its storage calls: the sync driver sends each result
-straight back, the async one awaits each call first.
+Each algorithm is a generator yielding lists of storage calls: the sync driver sends each list
+straight back (a sync call has already run), the async one awaits the list's calls in order.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import limits.aio.strategies as aio
 import limits.strategies as sync
 from limits import RateLimitItem, parse_many
 from limits._storage_scheme import SCHEMES
+from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.errors import StorageError
 from limits.storage import StorageTypes, storage_from_string
 from limits.util import WindowStats
@@ -37,6 +43,7 @@ from limits.util import WindowStats
 from relaymw import signals
 from relaymw.config import RateLimiting, Route, Version
 from relaymw.errors import ConfigError, ConfigIssue, RequestRejected
+from relaymw.redis_pipeline import PipelinedRedis, pipelined_client
 from relaymw.snapshot import KeyFunction, RequestView
 
 __all__ = ["RateLimiter", "StorageFactory", "make_storage", "redact_uri"]
@@ -47,7 +54,7 @@ log = logging.getLogger("relaymw.limiting")
 StorageFactory = Callable[[str], StorageTypes]
 Headers = list[tuple[str, str]]
 T = TypeVar("T")
-_Steps = Generator[Any, Any, T]  # yields storage calls (sync: their results), gets results
+_Steps = Generator[list[Any], list[Any], T]  # yields storage calls (sync: their results)
 MAX_PROBE_DELAY = 2.0  # so the storage is used again within ~2 s of answering again
 _STORE_ERRORS = (StorageError, OSError)  # OSError covers socket and asyncio timeouts
 _SECRET_HEADER = re.compile(r"auth|key|token|secret|session|cookie")
@@ -58,8 +65,21 @@ def make_storage(
 ) -> Any:
     """The default :data:`StorageFactory`. Redis gets short socket timeouts and one retry (for
     a stale pooled connection) so that a dead server never stalls requests; an async client
-    waits for one of ``pool_size`` connections rather than failing when all are busy."""
+    waits for one of ``pool_size`` connections rather than failing when all are busy. A plain
+    ``async+redis://`` storage talks through a :class:`~relaymw.redis_pipeline.PipelinedRedis`
+    instead (shared with the budgets' when they use the same server)."""
     scheme = uri.partition("://")[0]
+    if scheme in ("async+redis", "async+redis+unix"):
+        url = uri.removeprefix("async+").replace("redis+unix", "unix", 1)
+        if (client := pipelined_client(url, timeout=timeout)) is not None:
+            storage = storage_from_string(
+                uri, implementation="redispy", key_prefix=key_prefix, wrap_exceptions=True
+            )
+            bridge = getattr(storage, "bridge", None)
+            if isinstance(bridge, RedispyBridge):  # limits' own client never connected
+                bridge.storage = client
+                bridge.register_scripts()
+                return storage
     options: dict[str, Any] = {"wrap_exceptions": True}
     if "redis" in scheme or "valkey" in scheme:
         timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
@@ -137,6 +157,7 @@ class RateLimiter:
         self._hash = bool(secret) or spec == "api_key" or spec.startswith("cookie:")
         self._items: dict[str, list[RateLimitItem]] = {}
         self._plans: dict[tuple[Any, ...], _Plan | None] = {}
+        self._recent: dict[tuple[int, int], tuple[Route, Version, _Plan | None]] = {}
         # "real" and "fallback" backends: sync, and async for the event loop in self._loop.
         self._tables: dict[bool, dict[str, _Backend]] = {False: {}, True: {}}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -208,7 +229,7 @@ class RateLimiter:
         self._tables[True] = {}
         self.close()
 
-    # --- the algorithms: each yields a storage call and receives its result ----------------
+    # --- the algorithms: each yields lists of storage calls and receives their results ------
 
     def _admit(self, b: _Backend, plan: _Plan, identity: str, est: int) -> _Steps[Headers]:
         # Test first: the token estimate (clamped to the window, so a request larger than the
@@ -216,29 +237,41 @@ class RateLimiter:
         tests = [(lim, b.tokens, max(1, min(est, lim.item.amount))) for lim in plan.tokens]
         if len(plan.requests) > 1:  # one hit alone is atomic: no test round-trip needed
             tests += [(lim, b.requests, 1) for lim in plan.requests]
-        for lim, strategy, cost in tests:
-            if not (yield strategy.test(lim.item, *lim.ids(identity), cost=cost)):
-                stats = yield strategy.get_window_stats(lim.item, *lim.ids(identity))
-                self._reject(plan, lim, stats, identity, est)
+        if tests:
+            passed = yield [s.test(lim.item, *lim.ids(identity), cost=n) for lim, s, n in tests]
+            for (lim, strategy, _), ok in zip(tests, passed, strict=True):
+                if not ok:
+                    (stats,) = yield [strategy.get_window_stats(lim.item, *lim.ids(identity))]
+                    self._reject(plan, lim, stats, identity, est)
+        if not plan.requests:
+            return []
+        calls = []  # each hit, then its window: the headers' figures include this request
         for lim in plan.requests:
-            if not (yield b.requests.hit(lim.item, *lim.ids(identity))):
-                stats = yield b.requests.get_window_stats(lim.item, *lim.ids(identity))
-                self._reject(plan, lim, stats, identity, est)
+            ids = lim.ids(identity)
+            calls += [b.requests.hit(lim.item, *ids), b.requests.get_window_stats(lim.item, *ids)]
+        results = yield calls
         seen = []  # the most restrictive: fewest left, then the latest reset
-        for lim in plan.requests:
-            stats = yield b.requests.get_window_stats(lim.item, *lim.ids(identity))
-            seen.append((stats.remaining, -stats.reset_time, lim.item, stats))
-        return _headers(*min(seen)[2:]) if seen else []
+        for i, lim in enumerate(plan.requests):
+            hit, stats = results[2 * i], results[2 * i + 1]
+            if not hit:
+                self._reject(plan, lim, stats, identity, est)
+            seen.append((stats.remaining, -stats.reset_time, i))
+        i = min(seen)[2]
+        return _headers(plan.requests[i].item, results[2 * i + 1])
 
     def _record(self, b: _Backend, plan: _Plan, identity: str, tokens: int) -> _Steps[None]:
-        for lim in plan.tokens:
-            ids = lim.ids(identity)
-            if not (yield b.tokens.hit(lim.item, *ids, cost=min(tokens, lim.item.amount))):
+        hits = yield [
+            b.tokens.hit(lim.item, *lim.ids(identity), cost=min(tokens, lim.item.amount))
+            for lim in plan.tokens
+        ]
+        for lim, counted in zip(plan.tokens, hits, strict=True):
+            if not counted and self._strategies[1] != "fixed-window":
                 # Moving and sliding windows refuse a cost that does not fit (a fixed window
                 # counts it anyway, an overshoot): fill what is left of the window instead.
-                left = (yield b.tokens.get_window_stats(lim.item, *ids)).remaining
-                if self._strategies[1] != "fixed-window" and left > 0:
-                    yield b.tokens.hit(lim.item, *ids, cost=left)
+                ids = lim.ids(identity)
+                (stats,) = yield [b.tokens.get_window_stats(lim.item, *ids)]
+                if stats.remaining > 0:
+                    yield [b.tokens.hit(lim.item, *ids, cost=stats.remaining)]
 
     def _reject(
         self, plan: _Plan, lim: _Limit, stats: WindowStats, identity: str, est: int
@@ -256,6 +289,18 @@ class RateLimiter:
         raise RequestRejected(429, "rate_limited", message, headers)
 
     def _plan(self, route: Route, version: Version) -> _Plan | None:
+        # By identity first: hashing the settings on every request costs more than the rest of
+        # this method. The entry holds route and version, so their ids cannot be reused.
+        recent = self._recent.get((id(route), id(version)))
+        if recent is not None and recent[0] is route and recent[1] is version:
+            return recent[2]
+        if len(self._recent) >= 4096:  # configurations come and go: forget the old ones
+            self._recent.clear()
+        plan = self._plan_for(route, version)
+        self._recent[id(route), id(version)] = (route, version, plan)
+        return plan
+
+    def _plan_for(self, route: Route, version: Version) -> _Plan | None:
         key = (route.model_alias, version.version_tag, route.rate_limits, route.token_limits,
                version.rate_limits, version.token_limits)  # fmt: skip
         if key not in self._plans:
@@ -282,7 +327,9 @@ class RateLimiter:
     def _execute(self, is_async: bool, algo: Callable[..., _Steps[T]], *args: Any) -> _Steps[T]:
         """Run ``algo`` on the real storage, or on the fallback while that is down."""
         table = self._tables[is_async]
-        backend = yield from self._select(table, is_async)
+        backend = table.get("real")
+        if backend is None or self.degraded:
+            backend = yield from self._select(table, is_async)
         try:
             return (yield from algo(backend, *args))
         except _STORE_ERRORS as exc:
@@ -302,7 +349,7 @@ class RateLimiter:
                 if (real := table.get("real")) is None:
                     storage = self._factory(self._uris[is_async])
                     real = table["real"] = self._backend(storage, is_async)
-            if self.degraded and not (yield real.storage.check()):
+            if self.degraded and not (yield [real.storage.check()])[0]:
                 raise StorageError(ConnectionError("no answer to a probe"))
         except Exception as exc:  # creating or probing: any failure is an unreachable store
             self._store_failed(exc)
@@ -360,31 +407,37 @@ class RateLimiter:
 
     def _bind_loop(self) -> None:
         if self._loop is not (loop := asyncio.get_running_loop()):  # connections are per loop
+            for backend in self._tables[True].values():
+                client = getattr(getattr(backend.storage, "bridge", 0), "storage", 0)
+                if isinstance(client, PipelinedRedis):  # its connection is the old loop's
+                    client.detach()
             self._tables[True], self._loop = {}, loop
 
 
 def _drive(steps: _Steps[T]) -> T:
-    """Run steps on a sync storage: each yielded value is already the call's result."""
+    """Run steps on a sync storage: each yielded list holds the calls' results already."""
     try:
-        result = next(steps)
+        results = next(steps)
         while True:
-            result = steps.send(result)
+            results = steps.send(results)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
 
 
 async def _adrive(steps: _Steps[T]) -> T:
-    """Run steps on an async storage: await each yielded call and send back its result, or
-    throw its error in, so that the steps handle it as they do with the sync driver."""
+    """Run steps on an async storage: await each yielded list's calls in order (at c=1 that is
+    a round trip more than awaiting them together, but under load it is the cheapest in CPU:
+    other requests fill the writes) and send back their results, or throw the first error in,
+    so that the steps handle it as they do with the sync driver."""
     try:
-        call = next(steps)
+        calls = next(steps)
         while True:
             try:
-                result = await call
+                results = [await call for call in calls]
             except Exception as exc:
-                call = steps.throw(exc)
+                calls = steps.throw(exc)
             else:
-                call = steps.send(result)
+                calls = steps.send(results)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
 

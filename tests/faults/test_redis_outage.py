@@ -140,7 +140,11 @@ def test_redis_stopped_and_restarted_under_load(
     assert after and all(o.status == 200 for o in after)
 
     unavailable = [e["component"] for e in events["store_unavailable"].events]
-    assert sorted(unavailable) == ["budgets", "config", "rate_limits"]  # once per outage each
+    assert len(unavailable) == len(set(unavailable))  # once per outage each
+    if fail_open:
+        assert set(unavailable) == {"budgets", "config", "rate_limits"}
+    else:  # refused by the limits first, a request may never ask the budget store in time
+        assert {"config", "rate_limits"} <= set(unavailable) <= {"budgets", "config", "rate_limits"}
     assert events["config_rejected"].events == []
 
     if fail_open:
