@@ -432,9 +432,13 @@ async def _adrive(steps: _Steps[T]) -> T:
     try:
         calls = next(steps)
         while True:
+            results: list[Any] = []
             try:
-                results = [await call for call in calls]
+                for call in calls:
+                    results.append(await call)
             except Exception as exc:
+                for unsent in calls[len(results) + 1 :]:  # the storage failed: not run at all
+                    unsent.close()
                 calls = steps.throw(exc)
             else:
                 calls = steps.send(results)
