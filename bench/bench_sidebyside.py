@@ -59,12 +59,13 @@ from common import (  # noqa: E402
     fmt,
     measure,
     parse_run_args,
+    plan_cells,
     ratio,
     redis_client,
     remove_keys,
+    run_benchmark,
     run_notes,
     run_options,
-    sigterm_as_exit,
     summarize,
     verify_redis,
 )
@@ -303,13 +304,7 @@ def benchmark(args: argparse.Namespace) -> None:
     targets = [t for t in targets if t.name in wanted]
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     pinned = can_pin() and not args.no_pin
-    cells: list[Cell] = [
-        (t.name, mode, c)
-        for t in targets
-        for mode in t.modes
-        if mode in modes or t.passthrough
-        for c in levels
-    ]
+    cells = plan_cells(targets, modes, levels)
     command = " ".join(["python bench/bench_sidebyside.py", *command_options(args)])
     if args.storage != REDIS_URL:
         command += f" --storage {args.storage}"
@@ -361,12 +356,7 @@ def benchmark(args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args(sys.argv[1:])
-    try:
-        with sigterm_as_exit():
-            benchmark(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted (all benchmark processes stopped)")
-        raise SystemExit(130) from None
+    run_benchmark(lambda: benchmark(args))
 
 
 if __name__ == "__main__":

@@ -616,3 +616,28 @@ def sigterm_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run_benchmark(benchmark: Callable[[], object]) -> None:
+    """Runs ``benchmark()`` so that SIGTERM and Ctrl-C stop every benchmark process on the way
+    out; Ctrl-C exits with 130, as a shell would."""
+    try:
+        with sigterm_as_exit():
+            benchmark()
+    except KeyboardInterrupt:
+        print("\ninterrupted (all benchmark processes stopped)")
+        raise SystemExit(130) from None
+
+
+def plan_cells(
+    targets: Sequence[Target], modes: Sequence[str], levels: Sequence[int]
+) -> list[Cell]:
+    """The cells of a run: each target in each of its modes that ``modes`` asks for (a
+    passthrough target in its one mode whatever ``modes`` says), at every level."""
+    return [
+        (t.name, mode, c)
+        for t in targets
+        for mode in t.modes
+        if mode in modes or t.passthrough
+        for c in levels
+    ]

@@ -1,16 +1,18 @@
-"""Shared fixtures: a real FakeLLM upstream and a real Redis (required when CI is set)."""
+"""Shared fixtures: a real FakeLLM upstream, the shared Redis (required when CI is set) and a
+``redis-server`` of the test's own."""
 
 from __future__ import annotations
 
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from relaymw import signals
 from relaymw.testing import FakeLLM
-from tests.support import Recorder
+from tests.support import REDIS_PASSWORD, Recorder, RedisServer, recording
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -27,6 +29,14 @@ def redis_url() -> str:
             pytest.fail(f"CI needs Redis at {REDIS_URL}: {exc}")
         pytest.skip(f"no Redis at {REDIS_URL}")
     return REDIS_URL
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started ``redis-server`` of this test's own with :data:`REDIS_PASSWORD`, without
+    persistence (killed at the end)."""
+    with RedisServer(tmp_path, password=REDIS_PASSWORD) as server:
+        yield server
 
 
 @pytest.fixture
@@ -51,7 +61,5 @@ def fake_llm(fake_llm_session: FakeLLM) -> FakeLLM:
 @pytest.fixture
 def finished() -> Iterator[Recorder]:
     """Every ``request_finished`` event sent during the test."""
-    rec = Recorder()
-    signals.request_finished.connect(rec)
-    yield rec
-    signals.request_finished.disconnect(rec)
+    with recording(signals.request_finished) as rec:
+        yield rec

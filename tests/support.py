@@ -1,15 +1,32 @@
-"""Test support: real servers on 127.0.0.1 (uvicorn for ASGI, waitress for WSGI), configuration
-documents pointed at a FakeLLM, and a signal recorder."""
+"""Test support: real servers on 127.0.0.1 (uvicorn for ASGI, waitress for WSGI), a
+``redis-server`` and a document server of the test's own, configuration documents pointed at a
+FakeLLM, and signal recorders."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import hashlib
+import json
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
+import redis
+import uvicorn
+from blinker import ANY, Signal
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from relaymw.testing import serve_asgi
 
@@ -34,6 +51,29 @@ def serve_wsgi(app: Any) -> Iterator[str]:
     finally:
         server.close()
         thread.join(10)
+
+
+async def not_found(scope: Any, receive: Any, send: Any) -> None:
+    """The app behind the middleware: every request a test sends is relaymw's to answer."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await send({"type": "http.response.start", "status": 404, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 3.0, what: str = "condition"
+) -> float:
+    """Seconds until ``predicate()`` held; fails the test after ``timeout``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.01)
+    return time.monotonic() - start
 
 
 UPSTREAM_KEY = "sk-upstream-secret-123"
@@ -130,4 +170,181 @@ class Recorder:
         return list(self.events)
 
 
-__all__ = ["Recorder", "free_port", "relay_document", "serve_asgi", "serve_wsgi"]
+@contextlib.contextmanager
+def recording(signal: Signal, sender: Any = ANY) -> Iterator[Recorder]:
+    """A :class:`Recorder` of ``signal`` (sent by ``sender``) for the ``with`` block."""
+    rec = Recorder()
+    signal.connect(rec, sender=sender)
+    try:
+        yield rec
+    finally:
+        signal.disconnect(rec, sender=sender)
+
+
+# --- a redis-server of the test's own --------------------------------------------------------
+
+REDIS_PASSWORD = "hunter2-redis-pw"
+
+
+class RedisServer:
+    """A ``redis-server`` on a free port (never the shared one), killed and started again by
+    the test; ``with`` starts it and kills it at the end. Without ``persistent`` a restart
+    comes back empty; with it the data is kept in an append-only file fsynced on every write,
+    so a restart finds what it had, as a production Redis with AOF would."""
+
+    def __init__(
+        self, workdir: Path, *, password: str | None = None, persistent: bool = False
+    ) -> None:
+        self.port, self.workdir = free_port(), workdir
+        self.password, self.persistent = password, persistent
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("CI"):
+                pytest.fail("CI needs redis-server on PATH")
+            pytest.skip("redis-server is not installed")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--dir", str(self.workdir), "--daemonize", "no"]  # fmt: skip
+        if self.persistent:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with self.client() as client:
+                    client.ping()
+                return
+            except redis.ConnectionError:
+                assert self.proc.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+
+    def kill(self) -> None:
+        """Stop it abruptly (SIGKILL): clients see their connections drop."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=1)
+
+    def keys(self, pattern: str) -> list[str]:
+        with self.client() as client:
+            return [k.decode() for k in client.keys(pattern)]
+
+
+# --- a document server for the HTTP store ----------------------------------------------------
+
+
+class DocumentServer:
+    """Serves ``body`` at ``/relay.json`` (and ``/relay.toml``) from uvicorn on a fixed port,
+    so it can be stopped and started again at the same URL; ``with`` starts and stops it.
+
+    Setting ``body`` gives it a new ETag, as a real server would (set ``etag`` to None after
+    it to serve none); a matching ``If-None-Match`` gets a 304. ``mode`` picks how it answers:
+    ``ok``, ``error`` (500), ``slow`` (``ok`` after ``delay`` seconds) or ``binary`` (a PNG).
+    Every request's headers and every answer's status are kept."""
+
+    def __init__(self, delay: float = 1.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/relay.json"
+        self.mode = "ok"
+        self.delay = delay
+        self.etag: str | None = None
+        self.body = b"{}"
+        self.content_type = "application/json"
+        self.requests: list[dict[str, str]] = []
+        self.answers: list[int] = []
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def body(self) -> bytes:
+        return self._body
+
+    @body.setter
+    def body(self, body: bytes) -> None:
+        self._body = body
+        self.etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+
+    def publish(self, document: dict[str, Any]) -> None:
+        self.body = json.dumps(document).encode()
+
+    async def _serve(self, request: Request) -> Response:
+        self.requests.append(dict(request.headers))
+        response = await self._answer(request)
+        self.answers.append(response.status_code)
+        return response
+
+    async def _answer(self, request: Request) -> Response:
+        if self.mode == "error":
+            return Response(b"boom", 500)
+        if self.mode == "binary":
+            return Response(b"\x89PNG\r\n\x1a\n\xff\xfe", 200, media_type="image/png")
+        if self.mode == "slow":
+            await asyncio.sleep(self.delay)
+        headers = {"ETag": self.etag} if self.etag else {}
+        if self.etag and request.headers.get("if-none-match") == self.etag:
+            return Response(status_code=304, headers=headers)
+        return Response(self.body, 200, headers=headers, media_type=self.content_type)
+
+    def start(self) -> None:
+        app = Starlette(
+            routes=[Route("/relay.json", self._serve), Route("/relay.toml", self._serve)]
+        )
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
+        server = uvicorn.Server(config)
+        self._server = server
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline, "the document server did not start"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+            self._server = None
+
+    def __enter__(self) -> DocumentServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = [
+    "REDIS_PASSWORD",
+    "DocumentServer",
+    "Recorder",
+    "RedisServer",
+    "free_port",
+    "not_found",
+    "recording",
+    "relay_document",
+    "serve_asgi",
+    "serve_wsgi",
+    "wait_until",
+]

@@ -7,7 +7,6 @@ import copy
 import time
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -19,18 +18,12 @@ import redis
 from relaymw import Relay, RelayMiddleware
 from relaymw.budgets import identity_scope
 from relaymw.testing import FakeLLM, serve_asgi
-from tests.support import Recorder, relay_document
-from tests.test_limiting import OwnRedis
-
-
-async def _not_found(scope: Any, receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 404, "headers": []})
-    await send({"type": "http.response.body", "body": b""})
+from tests.support import Recorder, RedisServer, not_found, recording, relay_document
 
 
 def serve(doc: dict[str, Any]) -> Any:
     relay = Relay(doc)
-    return relay, serve_asgi(RelayMiddleware(_not_found, relay=relay))
+    return relay, serve_asgi(RelayMiddleware(not_found, relay=relay))
 
 
 def chat_route(doc: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -45,10 +38,8 @@ def chat_route(doc: dict[str, Any], **changes: Any) -> dict[str, Any]:
 def cost_events() -> Iterator[Recorder]:
     from relaymw import signals
 
-    rec = Recorder()
-    signals.cost_limit_exceeded.connect(rec)
-    yield rec
-    signals.cost_limit_exceeded.disconnect(rec)
+    with recording(signals.cost_limit_exceeded) as rec:
+        yield rec
 
 
 def test_clamp_lowers_max_tokens_to_fit_the_cap(fake_llm: FakeLLM, cost_events: Recorder) -> None:
@@ -218,24 +209,22 @@ def test_missing_usage_is_estimated_and_says_so(fake_llm: FakeLLM, finished: Rec
 
 
 def test_on_redis_a_guarded_call_takes_six_scripts_and_concurrent_calls_share_round_trips(
-    fake_llm: FakeLLM, tmp_path: Path
+    fake_llm: FakeLLM, own_redis: RedisServer
 ) -> None:
     """A request limit, a token limit and a budget: admission tests the token estimate, hits
     the request limit and reads its window (for the headers), then reserves the budget;
     settlement counts the tokens and reconciles the budget. So 6 scripts, one round trip each
     when calls come one at a time; concurrent calls share their round trips."""
-    server = OwnRedis(tmp_path)
-    server.start()
     doc = chat_route(
         relay_document(fake_llm.base_url),
         rate_limits=["1000/minute"],
         token_limits=["10000000/minute"],
     )
-    doc["rate_limiting"] = {"storage_uri": server.uri, "identity": "api_key"}
+    doc["rate_limiting"] = {"storage_uri": own_redis.url, "identity": "api_key"}
     doc["budgets"] = [{"scope": "route:chat-production", "period": "month", "limit_usd": 100}]
-    doc["budgeting"] = {"storage_uri": server.uri}
+    doc["budgeting"] = {"storage_uri": own_redis.url}
     relay, app = serve(doc)
-    admin = redis.Redis.from_url(server.uri)
+    admin = redis.Redis.from_url(own_redis.url)
 
     def counters() -> tuple[int, int]:
         scripts = admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
@@ -269,4 +258,3 @@ def test_on_redis_a_guarded_call_takes_six_scripts_and_concurrent_calls_share_ro
     finally:
         admin.close()
         relay.close()
-        server.kill()

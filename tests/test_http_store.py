@@ -6,28 +6,19 @@ relay serves real requests through ``RelayMiddleware`` to the FakeLLM. Nothing i
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import tomli_w
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 import relaymw
 from relaymw import Relay, RelayMiddleware, signals
@@ -35,7 +26,15 @@ from relaymw.errors import StoreError, StoreReadOnlyError
 from relaymw.stores import RawDocument, open_store
 from relaymw.stores.http import AUTH_ENV, HttpStore, safe_url
 from relaymw.testing import FakeLLM
-from tests.support import Recorder, free_port, relay_document, serve_asgi
+from tests.support import (
+    DocumentServer,
+    free_port,
+    not_found,
+    recording,
+    relay_document,
+    serve_asgi,
+    wait_until,
+)
 
 POLL = 0.05
 TIMEOUT = 0.3
@@ -47,103 +46,12 @@ def doc(fake_url: str, v1: float, v2: float) -> dict[str, Any]:
     return relay_document(fake_url, chat_production={"route_rules": rules})
 
 
-class DocServer:
-    """Serves ``/relay.json`` (and ``/relay.toml``); ``mode`` picks how it answers."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/relay.json"
-        self.mode = "ok"  # ok | error | slow | binary
-        self.body = b""
-        self.etag: str | None = None
-        self.content_type = "application/json"
-        self.requests: list[dict[str, str]] = []
-        self.answers: list[int] = []
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    def publish(self, document: dict[str, Any], etag: bool = True) -> None:
-        self.body = json.dumps(document).encode()
-        self.etag = f'"{hashlib.sha1(self.body).hexdigest()[:12]}"' if etag else None
-
-    async def _serve(self, request: Request) -> Response:
-        self.requests.append(dict(request.headers))
-        response = await self._answer(request)
-        self.answers.append(response.status_code)
-        return response
-
-    async def _answer(self, request: Request) -> Response:
-        if self.mode == "error":
-            return Response(b"boom", 500)
-        if self.mode == "binary":
-            return Response(b"\x89PNG\r\n\x1a\n\xff\xfe", 200, media_type="image/png")
-        if self.mode == "slow":
-            await asyncio.sleep(TIMEOUT * 4)
-        headers = {"ETag": self.etag} if self.etag else {}
-        if self.etag and request.headers.get("if-none-match") == self.etag:
-            return Response(status_code=304, headers=headers)
-        return Response(self.body, 200, headers=headers, media_type=self.content_type)
-
-    def start(self) -> None:
-        app = Starlette(
-            routes=[Route("/relay.json", self._serve), Route("/relay.toml", self._serve)]
-        )
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
-        server = uvicorn.Server(config)
-        self._server = server
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "the document server did not start"
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(10)
-            self._server = None
-
-
 @pytest.fixture
-def docs(fake_llm: FakeLLM) -> Iterator[DocServer]:
-    server = DocServer()
+def docs(fake_llm: FakeLLM) -> Iterator[DocumentServer]:
+    server = DocumentServer(delay=TIMEOUT * 4)
     server.publish(doc(fake_llm.base_url, 100, 0))
-    server.start()
-    yield server
-    server.stop()
-
-
-@contextlib.contextmanager
-def recording(signal: Any, sender: Any) -> Iterator[Recorder]:
-    rec = Recorder()
-    signal.connect(rec, sender=sender)
-    try:
-        yield rec
-    finally:
-        signal.disconnect(rec, sender=sender)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(0.01)
-    return time.monotonic() - start
-
-
-async def not_found(scope: Any, receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    await send({"type": "http.response.start", "status": 404, "headers": []})
-    await send({"type": "http.response.body", "body": b"not found"})
+    with server:
+        yield server
 
 
 def ask(base: str) -> str:
@@ -156,7 +64,7 @@ def ask(base: str) -> str:
 # --- the store alone ------------------------------------------------------------------------
 
 
-def test_load_and_read_only(docs: DocServer) -> None:
+def test_load_and_read_only(docs: DocumentServer) -> None:
     store = open_store(docs.url)
     assert isinstance(store, HttpStore) and store.writable is False
     try:
@@ -176,7 +84,7 @@ def test_load_and_read_only(docs: DocServer) -> None:
 
 
 def test_format_follows_content_type_then_suffix_and_revision_without_etag(
-    docs: DocServer,
+    docs: DocumentServer,
 ) -> None:
     document: dict[str, Any] = {"versions": [], "routes": []}
     docs.body, docs.etag, docs.content_type = tomli_w.dumps(document).encode(), None, "text/plain"
@@ -195,7 +103,7 @@ def test_format_follows_content_type_then_suffix_and_revision_without_etag(
         assert raw.revision == "sha256:" + hashlib.sha256(docs.body).hexdigest()[:16]
 
 
-def test_watch_sends_if_none_match_and_a_304_delivers_nothing(docs: DocServer) -> None:
+def test_watch_sends_if_none_match_and_a_304_delivers_nothing(docs: DocumentServer) -> None:
     store = HttpStore(docs.url, poll_interval=POLL)
     changes: list[RawDocument] = []
     errors: list[Exception] = []
@@ -216,7 +124,7 @@ def test_watch_sends_if_none_match_and_a_304_delivers_nothing(docs: DocServer) -
 
 
 def test_auth_header_is_sent_but_never_shown(
-    docs: DocServer, monkeypatch: pytest.MonkeyPatch
+    docs: DocumentServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = HttpStore(docs.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=TIMEOUT)
     try:
@@ -253,7 +161,7 @@ def test_auth_header_is_sent_but_never_shown(
 
 @pytest.mark.parametrize("failure", ["error", "slow", "binary", "refused", "invalid"])
 def test_relay_keeps_serving_through_failures(
-    docs: DocServer, fake_llm: FakeLLM, failure: str
+    docs: DocumentServer, fake_llm: FakeLLM, failure: str
 ) -> None:
     store = HttpStore(docs.url, poll_interval=POLL, timeout=TIMEOUT)
     relay = Relay(store=store)
@@ -315,7 +223,9 @@ relay.close()
 """
 
 
-def test_a_forked_worker_keeps_polling(docs: DocServer, fake_llm: FakeLLM, tmp_path: Path) -> None:
+def test_a_forked_worker_keeps_polling(
+    docs: DocumentServer, fake_llm: FakeLLM, tmp_path: Path
+) -> None:
     script = tmp_path / "forked.py"
     script.write_text(FORKED)
     env = {**os.environ, "PYTHONPATH": str(Path(relaymw.__file__).resolve().parents[1])}

@@ -7,27 +7,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from relaymw import signals
 from relaymw.config import RateLimiting, Route, RouteRule, Version
 from relaymw.errors import ConfigError, RequestRejected
 from relaymw.limiting import RateLimiter, make_storage, redact_uri
 from relaymw.snapshot import RequestView
-from tests.support import Recorder, free_port
+from tests.support import REDIS_PASSWORD, Recorder, RedisServer
 
 STRATEGIES = ["moving-window", "fixed-window", "sliding-window-counter"]
 RAW_KEY = "sk-live-very-secret-key-42"
-PASSWORD = "hunter2-redis-pw"
+LIMIT_KEYS = "relaymw:limits:*"
 
 
 def version(tag: str = "v1", rate: tuple[str, ...] = (), tokens: tuple[str, ...] = ()) -> Version:
@@ -332,58 +327,6 @@ def test_credentials_are_hashed_identities(spec: str, hashed: bool) -> None:
 # --- a Redis of our own, killed and restarted ------------------------------------------------
 
 
-class OwnRedis:
-    """A throwaway ``redis-server`` with a password on a free port (never the shared one)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port, self.workdir = free_port(), workdir
-        self.uri = f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            if os.environ.get("CI"):
-                pytest.fail("CI needs redis-server on PATH")
-            pytest.skip("redis-server is not installed")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir),
-             "--requirepass", PASSWORD],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.ping()
-                return
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(5)
-            self.proc = None
-
-    def ping(self) -> None:
-        with redis.Redis.from_url(self.uri, socket_connect_timeout=0.5) as client:
-            client.ping()
-
-    def keys(self) -> list[Any]:
-        with redis.Redis.from_url(self.uri, socket_connect_timeout=0.5) as client:
-            return list(client.keys("relaymw:limits:*"))
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path)
-    server.start()
-    yield server
-    server.kill()
-
-
 @pytest.fixture(params=["sync", "async"])
 def checker(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
     """``checker(limiter)`` → ``check(route, version, identity)`` through ``check`` or, on an
@@ -404,17 +347,17 @@ def checker(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
 
 
 def test_fail_open_limits_in_memory_then_returns_to_redis(
-    own_redis: OwnRedis,
+    own_redis: RedisServer,
     checker: Callable[..., Any],
     recorded: dict[str, Recorder],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    limiter = RateLimiter(RateLimiting(storage_uri=own_redis.uri, fail_open=True))
+    limiter = RateLimiter(RateLimiting(storage_uri=own_redis.url, fail_open=True))
     check = checker(limiter)
     r, v = route(rate=("3/minute",)), version()
     assert isinstance(check(r, v, "alice"), list)
-    assert own_redis.keys()
+    assert own_redis.keys(LIMIT_KEYS)
 
     own_redis.kill()
     started = time.monotonic()
@@ -430,20 +373,20 @@ def test_fail_open_limits_in_memory_then_returns_to_redis(
 
     own_redis.start()
     started = time.monotonic()
-    while not own_redis.keys():  # the first request that reaches Redis again writes a key
+    while not own_redis.keys(LIMIT_KEYS):  # the first request that reaches Redis again writes a key
         assert time.monotonic() - started < 5, "Redis not used again within 5 s"
         check(r, v, "bob")
         time.sleep(0.05)
     assert not limiter.degraded
     assert isinstance(check(r, v, "alice"), list)  # counted in Redis again (it lost its data)
     assert len(recorded["store_unavailable"].events) == 1
-    assert PASSWORD not in repr(recorded["store_unavailable"].events) + caplog.text
+    assert REDIS_PASSWORD not in repr(recorded["store_unavailable"].events) + caplog.text
 
 
 def test_fail_closed_answers_503_with_retry_after_until_redis_is_back(
-    own_redis: OwnRedis, checker: Callable[..., Any], recorded: dict[str, Recorder]
+    own_redis: RedisServer, checker: Callable[..., Any], recorded: dict[str, Recorder]
 ) -> None:
-    limiter = RateLimiter(RateLimiting(storage_uri=own_redis.uri, fail_open=False))
+    limiter = RateLimiter(RateLimiting(storage_uri=own_redis.url, fail_open=False))
     check = checker(limiter)
     r, v = route(rate=("3/minute",)), version()
     assert isinstance(check(r, v, "alice"), list)
@@ -454,7 +397,7 @@ def test_fail_closed_answers_503_with_retry_after_until_redis_is_back(
         assert isinstance(refused, RequestRejected)
         assert (refused.status, refused.code) == (503, "rate_limit_storage_unavailable")
         assert 1 <= int(headers_of(refused.headers)["Retry-After"]) <= 2
-        assert PASSWORD not in refused.message + repr(refused.headers)
+        assert REDIS_PASSWORD not in refused.message + repr(refused.headers)
     assert len(recorded["store_unavailable"].events) == 1
 
     own_redis.start()
@@ -464,12 +407,12 @@ def test_fail_closed_answers_503_with_retry_after_until_redis_is_back(
         assert time.monotonic() - started < 5, "Redis not used again within 5 s"
         time.sleep(0.05)
     assert headers_of(result)["RateLimit-Remaining"] == "2"  # a fresh Redis: a fresh count
-    assert own_redis.keys() and not limiter.degraded
+    assert own_redis.keys(LIMIT_KEYS) and not limiter.degraded
 
 
-def test_record_tokens_never_raises_while_redis_is_down(own_redis: OwnRedis) -> None:
+def test_record_tokens_never_raises_while_redis_is_down(own_redis: RedisServer) -> None:
     for fail_open in (True, False):
-        limiter = RateLimiter(RateLimiting(storage_uri=own_redis.uri, fail_open=fail_open))
+        limiter = RateLimiter(RateLimiting(storage_uri=own_redis.url, fail_open=fail_open))
         r, v = route(tokens=("100/minute",)), version()
         limiter.record_tokens(r, v, "alice", 10)
         own_redis.kill()

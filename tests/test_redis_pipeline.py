@@ -8,10 +8,9 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +22,7 @@ from relaymw.budgets import BudgetLedger, BudgetScopes
 from relaymw.config import Budget
 from relaymw.limiting import make_storage
 from relaymw.redis_pipeline import PipelinedRedis, pipelined_client
-from tests.support import free_port
-from tests.test_limiting import PASSWORD, OwnRedis
+from tests.support import REDIS_PASSWORD, RedisServer, free_port
 
 
 def reads_served(admin: redis.Redis) -> int:
@@ -33,26 +31,34 @@ def reads_served(admin: redis.Redis) -> int:
     return int(admin.info("stats")["total_reads_processed"])
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path)
-    server.start()
-    yield server
-    server.kill()
-
-
 def client_for(url: str, timeout: float = 1.0) -> PipelinedRedis:
     client = pipelined_client(url, timeout=timeout)
     assert client is not None
     return client
 
 
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[PipelinedRedis]:
+    """A client of the shared Redis, closed after the test."""
+    client = client_for(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def key(client: PipelinedRedis, redis_prefix: str) -> AsyncIterator[str]:
+    """A key of the shared Redis that no other test uses, deleted after the test."""
+    key = f"{redis_prefix}:key"
+    yield key
+    await client.delete(key)
+
+
 async def test_commands_of_many_tasks_share_writes_and_each_gets_its_own_reply(
-    own_redis: OwnRedis,
+    own_redis: RedisServer,
 ) -> None:
-    client = client_for(own_redis.uri)
+    client = client_for(own_redis.url)
     await client.ping()  # connected: the handshake's reads are not counted below
-    admin = redis.Redis.from_url(own_redis.uri)
+    admin = redis.Redis.from_url(own_redis.url)
     before = reads_served(admin)
     values = await asyncio.gather(*(client.incrby(f"k{i % 7}", i) for i in range(200)))
     after = reads_served(admin)
@@ -70,26 +76,20 @@ async def test_commands_of_many_tasks_share_writes_and_each_gets_its_own_reply(
 
 
 async def test_scripts_reload_after_the_server_forgets_them(
-    redis_url: str, redis_prefix: str
+    client: PipelinedRedis, key: str, redis_url: str
 ) -> None:
-    client = client_for(redis_url)
     script = client.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
-    key = f"{redis_prefix}:n"
     assert await script([key], [2]) == 2
     with redis.Redis.from_url(redis_url) as admin:
         admin.script_flush()
     assert await script([key], [3]) == 5  # NOSCRIPT, SCRIPT LOAD, then EVALSHA again
     with pytest.raises(redis.exceptions.NoScriptError):
         await client.evalsha("0" * 40, 0)
-    await client.delete(key)
-    await client.aclose()
 
 
 async def test_error_replies_are_redis_py_exceptions_and_the_rest_goes_on(
-    redis_url: str, redis_prefix: str
+    client: PipelinedRedis, key: str, redis_prefix: str
 ) -> None:
-    client = client_for(redis_url)
-    key = f"{redis_prefix}:list"
     await client.rpush(key, "a", "b")
     wrong, fine = await asyncio.gather(client.incr(key), client.lrange(key, 0, -1),
                                        return_exceptions=True)  # fmt: skip
@@ -98,12 +98,10 @@ async def test_error_replies_are_redis_py_exceptions_and_the_rest_goes_on(
     assert fine == [b"a", b"b"]
     assert await client.ping() is True  # redis-py's reply callbacks still apply
     assert await client.get(f"{redis_prefix}:missing") is None
-    await client.delete(key)
-    await client.aclose()
 
 
-async def test_password_and_database_from_the_url(own_redis: OwnRedis) -> None:
-    url = f"redis://:{PASSWORD}@127.0.0.1:{own_redis.port}/3"
+async def test_password_and_database_from_the_url(own_redis: RedisServer) -> None:
+    url = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{own_redis.port}/3"
     client = client_for(url)
     await client.set("where", "db3")
     with redis.Redis.from_url(url) as admin:
@@ -111,10 +109,10 @@ async def test_password_and_database_from_the_url(own_redis: OwnRedis) -> None:
     with redis.Redis.from_url(url.replace("/3", "/0")) as admin:
         assert admin.get("where") is None
     await client.aclose()
-    wrong = client_for(f"redis://:not-{PASSWORD}@127.0.0.1:{own_redis.port}/0")
+    wrong = client_for(f"redis://:not-{REDIS_PASSWORD}@127.0.0.1:{own_redis.port}/0")
     with pytest.raises(redis.exceptions.AuthenticationError) as failed:
         await wrong.ping()
-    assert PASSWORD not in str(failed.value)
+    assert REDIS_PASSWORD not in str(failed.value)
     await wrong.aclose()
 
 
@@ -164,9 +162,9 @@ async def test_a_server_that_never_answers_times_out_every_waiting_command() -> 
 
 
 async def test_a_killed_server_fails_the_commands_and_a_restarted_one_serves_again(
-    own_redis: OwnRedis,
+    own_redis: RedisServer,
 ) -> None:
-    client = client_for(own_redis.uri)
+    client = client_for(own_redis.url)
     assert await client.set("a", 1)
     own_redis.kill()
     with pytest.raises(redis.exceptions.ConnectionError):
@@ -178,10 +176,8 @@ async def test_a_killed_server_fails_the_commands_and_a_restarted_one_serves_aga
 
 
 async def test_a_cancelled_caller_leaves_the_others_replies_in_place(
-    redis_url: str, redis_prefix: str
+    client: PipelinedRedis, key: str
 ) -> None:
-    client = client_for(redis_url)
-    key = f"{redis_prefix}:c"
     await client.set(key, "value")
     first = asyncio.ensure_future(client.get(key))
     second = asyncio.ensure_future(client.echo("second"))
@@ -191,8 +187,6 @@ async def test_a_cancelled_caller_leaves_the_others_replies_in_place(
     assert await client.get(key) == b"value"
     with pytest.raises(asyncio.CancelledError):
         await first
-    await client.delete(key)
-    await client.aclose()
 
 
 async def test_clients_of_one_server_share_one_connection_until_the_last_closes(

@@ -11,22 +11,19 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 import relaymw.stores.redis  # registers redis:// and rediss://
 from relaymw import Relay, RelayMiddleware, signals
@@ -35,9 +32,16 @@ from relaymw.stores import RawDocument, open_store
 from relaymw.stores.file import dump_document
 from relaymw.stores.redis import RedisStore
 from relaymw.testing import FakeLLM
-from tests.support import Recorder, free_port, relay_document, serve_asgi
+from tests.support import (
+    RedisServer,
+    free_port,
+    not_found,
+    recording,
+    relay_document,
+    serve_asgi,
+    wait_until,
+)
 
-NO_RETRY = Retry(NoBackoff(), 0)  # redis-py's default retries would hide the wait loop
 SRC = str(Path(relaymw.__file__).resolve().parents[1])
 
 
@@ -71,84 +75,6 @@ def store(uri: str) -> Iterator[RedisStore]:
     s = RedisStore(uri)
     yield s
     s.close()
-
-
-class OwnRedis:
-    """A ``redis-server`` of this test's own, without persistence, on a fixed port."""
-
-    def __init__(self, *args: str) -> None:
-        self.port = free_port()
-        self.args = args
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.skip("redis-server is not on PATH")
-        cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-        self.proc = subprocess.Popen([*cmd, "no", *self.args], stdout=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, retry=NO_RETRY)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.AuthenticationError:
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-        client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(5)
-            self.proc = None
-
-
-@pytest.fixture
-def own_redis() -> Iterator[Callable[..., OwnRedis]]:
-    servers: list[OwnRedis] = []
-
-    def start(*args: str) -> OwnRedis:
-        server = OwnRedis(*args)
-        servers.append(server)
-        server.start()
-        return server
-
-    yield start
-    for server in servers:
-        server.kill()
-
-
-@contextlib.contextmanager
-def recording(signal_: Any, sender: Any) -> Iterator[Recorder]:
-    rec = Recorder()
-    signal_.connect(rec, sender=sender)
-    try:
-        yield rec
-    finally:
-        signal_.disconnect(rec, sender=sender)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(0.002)
-    return time.monotonic() - start
-
-
-async def not_found(scope: Any, receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    await send({"type": "http.response.start", "status": 404, "headers": []})
-    await send({"type": "http.response.body", "body": b"not found"})
 
 
 CHAT = {"model": "chat-production", "messages": [{"role": "user", "content": "hi"}]}
@@ -193,26 +119,26 @@ def test_seed_from_a_file(store: RedisStore, tmp_path: Path) -> None:
     assert store.load().revision == revision
 
 
-def test_uri_options_and_password_never_shown(own_redis: Callable[..., OwnRedis]) -> None:
-    server = own_redis("--requirepass", "s3cret-pw")
-    good = RedisStore(f"redis://:s3cret-pw@127.0.0.1:{server.port}/2?key=k1&poll_interval=0.5")
-    assert (good.key, good.channel, good.poll_interval) == ("k1", "k1:changes", 0.5)
-    assert good.describe() == f"Redis key k1 at redis://127.0.0.1:{server.port}/2"
-    good.save({"ok": True})
-    assert json.loads(good.load().data) == {"ok": True}
-    good.close()
-    assert isinstance(open_store("rediss://:pw@h:6380/0?key=x"), RedisStore)
-    bad = RedisStore(f"redis://:wrong-pw@127.0.0.1:{server.port}/2?key=k1")
-    with pytest.raises(StoreError) as info:
-        bad.load()
-    bad.close()
-    server.kill()
-    gone = RedisStore(f"redis://alice:s3cret-pw@127.0.0.1:{server.port}/2?key=k1")
-    with pytest.raises(StoreError) as down:
-        gone.save({"x": 1})
-    gone.close()
-    for text in (str(info.value), str(down.value), gone.describe()):
-        assert "s3cret" not in text and "wrong-pw" not in text and "alice" not in text, text
+def test_uri_options_and_password_never_shown(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, password="s3cret-pw") as server:
+        good = RedisStore(f"redis://:s3cret-pw@127.0.0.1:{server.port}/2?key=k1&poll_interval=0.5")
+        assert (good.key, good.channel, good.poll_interval) == ("k1", "k1:changes", 0.5)
+        assert good.describe() == f"Redis key k1 at redis://127.0.0.1:{server.port}/2"
+        good.save({"ok": True})
+        assert json.loads(good.load().data) == {"ok": True}
+        good.close()
+        assert isinstance(open_store("rediss://:pw@h:6380/0?key=x"), RedisStore)
+        bad = RedisStore(f"redis://:wrong-pw@127.0.0.1:{server.port}/2?key=k1")
+        with pytest.raises(StoreError) as info:
+            bad.load()
+        bad.close()
+        server.kill()
+        gone = RedisStore(f"redis://alice:s3cret-pw@127.0.0.1:{server.port}/2?key=k1")
+        with pytest.raises(StoreError) as down:
+            gone.save({"x": 1})
+        gone.close()
+        for text in (str(info.value), str(down.value), gone.describe()):
+            assert "s3cret" not in text and "wrong-pw" not in text and "alice" not in text, text
 
 
 def test_publish_reaches_a_watcher_fast(store: RedisStore, uri: str) -> None:
@@ -355,42 +281,40 @@ def test_invalid_document_is_rejected_and_the_relay_keeps_serving(
         relay.close()
 
 
-def test_outage_keeps_last_known_good_and_recovers(
-    own_redis: Callable[..., OwnRedis], fake_llm: FakeLLM
-) -> None:
-    server = own_redis()
-    uri = f"redis://127.0.0.1:{server.port}/0?key=relaymw:config"
-    writer = RedisStore(uri)
-    before = writer.save(doc(fake_llm.base_url, 100, 0))
-    relay = Relay.from_store(uri)  # default poll_interval: 1 s
-    try:
-        with (
-            recording(signals.store_unavailable, relay) as unavailable,
-            serve_asgi(RelayMiddleware(not_found, relay=relay)) as base,
-        ):
-            assert ask(base) == "gpt-v1"
-            server.kill()
-            wait_until(lambda: len(unavailable.events) == 1, timeout=2.0)
-            event = unavailable.events[0]
-            assert relay.store is not None and event["store"] == relay.store.describe()
-            assert "unreachable" in event["error"] and event["component"] == "config"
-            time.sleep(2.5)  # several reconnect attempts with backoff
-            assert len(unavailable.events) == 1  # once per outage
-            assert relay.snapshot.revision == before and weights(relay) == [100, 0]
-            assert [ask(base) for _ in range(3)] == ["gpt-v1"] * 3
-            # Redis comes back empty (no persistence); an operator re-seeds a new document.
-            server.start()
-            start = time.monotonic()
-            after = writer.save(doc(fake_llm.base_url, 0, 100))
-            assert after != before  # a re-seeded key never repeats a revision
-            took = wait_until(lambda: relay.snapshot.revision == after, timeout=5.0)
-            print(f"delivered {took:.2f} s after Redis came back")
-            assert time.monotonic() - start < 5.0
-            assert ask(base) == "gpt-v2"
-            assert len(unavailable.events) == 1
-    finally:
-        relay.close()
-        writer.close()
+def test_outage_keeps_last_known_good_and_recovers(fake_llm: FakeLLM, tmp_path: Path) -> None:
+    with RedisServer(tmp_path) as server:
+        uri = f"redis://127.0.0.1:{server.port}/0?key=relaymw:config"
+        writer = RedisStore(uri)
+        before = writer.save(doc(fake_llm.base_url, 100, 0))
+        relay = Relay.from_store(uri)  # default poll_interval: 1 s
+        try:
+            with (
+                recording(signals.store_unavailable, relay) as unavailable,
+                serve_asgi(RelayMiddleware(not_found, relay=relay)) as base,
+            ):
+                assert ask(base) == "gpt-v1"
+                server.kill()
+                wait_until(lambda: len(unavailable.events) == 1, timeout=2.0)
+                event = unavailable.events[0]
+                assert relay.store is not None and event["store"] == relay.store.describe()
+                assert "unreachable" in event["error"] and event["component"] == "config"
+                time.sleep(2.5)  # several reconnect attempts with backoff
+                assert len(unavailable.events) == 1  # once per outage
+                assert relay.snapshot.revision == before and weights(relay) == [100, 0]
+                assert [ask(base) for _ in range(3)] == ["gpt-v1"] * 3
+                # Redis comes back empty (no persistence); an operator re-seeds a new document.
+                server.start()
+                start = time.monotonic()
+                after = writer.save(doc(fake_llm.base_url, 0, 100))
+                assert after != before  # a re-seeded key never repeats a revision
+                took = wait_until(lambda: relay.snapshot.revision == after, timeout=5.0)
+                print(f"delivered {took:.2f} s after Redis came back")
+                assert time.monotonic() - start < 5.0
+                assert ask(base) == "gpt-v2"
+                assert len(unavailable.events) == 1
+        finally:
+            relay.close()
+            writer.close()
 
 
 # --- every worker of a multi-process server -------------------------------------------------

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from relaymw import signals
-from tests.faults.harness import PrivateRedis
-from tests.support import Recorder
+from tests.support import Recorder, RedisServer
 
 RECORDED = (
     "config_loaded",
@@ -24,12 +23,11 @@ RECORDED = (
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """A started ``redis-server`` of this test's own (killed at the end)."""
-    server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.kill()
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started ``redis-server`` of this test's own that keeps its data over a restart
+    (killed at the end)."""
+    with RedisServer(tmp_path, persistent=True) as server:
+        yield server
 
 
 @pytest.fixture

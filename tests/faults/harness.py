@@ -1,26 +1,18 @@
-"""What the fault tests share: a private ``redis-server``, a load generator, a document server
-for the HTTP store, gateway documents and checks of the error shapes each protocol uses."""
+"""What the fault tests share: a load generator, gateway documents and checks of the error
+shapes each protocol uses. The ``redis-server`` and the document server of the test's own are
+in ``tests/support.py``."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import os
-import shutil
-import subprocess
 import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-import redis
 
-from tests.support import free_port, relay_document
+from tests.support import DocumentServer, not_found, relay_document, wait_until
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -29,27 +21,6 @@ PROTOCOLS = {"openai": (CHAT, "chat-production"), "anthropic": (MESSAGES, "revie
 # The disconnect test's gateway process (stream_gateway_app.py): its config file, its stats.
 CONFIG_ENV = "RELAYMW_FAULTS_CONFIG"
 STATS_PATH = "/_faults/stats"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until ``predicate()`` held; fails the test after ``timeout``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.01)
-    return time.monotonic() - start
-
-
-async def not_found(scope: Any, receive: Any, send: Any) -> None:
-    """The app behind the middleware: every fault test request is relaymw's to answer."""
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    await send({"type": "http.response.start", "status": 404, "headers": []})
-    await send({"type": "http.response.body", "body": b""})
 
 
 def gateway_document(
@@ -108,57 +79,6 @@ def assert_error_shape(protocol: str, status: int, body: Any, code: str) -> None
     assert err["code"] == code, body
     assert isinstance(err["message"], str) and err["message"], body
     assert "Traceback" not in err["message"], body
-
-
-# --- a redis-server of the test's own --------------------------------------------------------
-
-
-class PrivateRedis:
-    """A ``redis-server`` on a free port (never the shared one), stopped and started by the
-    test. Its data is kept in an append-only file fsynced on every write, so a restart finds
-    the configuration and the counters it had, as a production Redis with AOF would."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port, self.workdir = free_port(), workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            if os.environ.get("CI"):
-                pytest.fail("CI needs redis-server on PATH")
-            pytest.skip("redis-server is not installed")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir),
-             "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with self.client() as client:
-                    client.ping()
-                return
-            except redis.ConnectionError:
-                assert self.proc.poll() is None, "redis-server exited"
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        """Stop it abruptly (SIGKILL): clients see their connections drop."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(5)
-            self.proc = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=1)
-
-    def keys(self, pattern: str) -> list[str]:
-        with self.client() as client:
-            return [k.decode() for k in client.keys(pattern)]
 
 
 # --- load --------------------------------------------------------------------------------------
@@ -244,45 +164,20 @@ class Load:
             return len(self.outcomes)
 
 
-# --- a document server for the HTTP store ------------------------------------------------------
-
-
-class DocumentServer:
-    """Serves one document at ``/relay.json`` with an ETag (and 304 to ``If-None-Match``)."""
-
-    def __init__(self) -> None:
-        self.body = b"{}"
-        state = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = state.body
-                etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
-                if self.headers.get("If-None-Match") == etag:
-                    self.send_response(304)
-                    self.send_header("ETag", etag)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("ETag", etag)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/relay.json"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> DocumentServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+# The fault tests import the shared helpers from here too, with the fault-only ones.
+__all__ = [
+    "CHAT",
+    "CONFIG_ENV",
+    "MESSAGES",
+    "PROTOCOLS",
+    "STATS_PATH",
+    "DocumentServer",
+    "Load",
+    "Outcome",
+    "assert_error_shape",
+    "gateway_document",
+    "not_found",
+    "request_body",
+    "wait_until",
+    "with_chat_weights",
+]

@@ -22,7 +22,6 @@ from relaymw.testing import FakeLLM, serve_asgi
 from tests.faults.harness import (
     PROTOCOLS,
     Load,
-    PrivateRedis,
     assert_error_shape,
     gateway_document,
     not_found,
@@ -30,7 +29,7 @@ from tests.faults.harness import (
     wait_until,
     with_chat_weights,
 )
-from tests.support import Recorder
+from tests.support import Recorder, RedisServer
 
 OUTAGE_S = 2.0
 RECOVERY_S = 5.0
@@ -60,7 +59,7 @@ def post(url: str, protocol: str, identity: str) -> httpx.Response:
     )
 
 
-def budget_spent(redis_server: PrivateRedis) -> int:
+def budget_spent(redis_server: RedisServer) -> int:
     with redis_server.client() as client:
         return sum(int(client.hget(k, "spent") or 0) for k in client.keys("relaymw:budget:*"))
 
@@ -68,7 +67,7 @@ def budget_spent(redis_server: PrivateRedis) -> int:
 @pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
 def test_redis_stopped_and_restarted_under_load(
     fail_open: bool,
-    private_redis: PrivateRedis,
+    private_redis: RedisServer,
     fake_llm: FakeLLM,
     events: dict[str, Recorder],
 ) -> None:
@@ -165,7 +164,7 @@ def test_redis_stopped_and_restarted_under_load(
 
 
 def test_fail_closed_refusals_are_not_errors_of_a_version(
-    private_redis: PrivateRedis, fake_llm: FakeLLM, events: dict[str, Recorder]
+    private_redis: RedisServer, fake_llm: FakeLLM, events: dict[str, Recorder]
 ) -> None:
     """A 503 because the limit storage is down is relaymw refusing, not the version failing:
     it must neither count in the version's error rate nor get a healthy version ejected."""
