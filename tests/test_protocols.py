@@ -539,6 +539,24 @@ def test_response_headers() -> None:
     ]
 
 
+def test_response_headers_same_answer_for_names_seen_before() -> None:
+    # Raw bytes in Title-Case, as aiohttp hands them over; the second call hits the memo.
+    raw = [
+        (b"Content-Type", b"application/json"),
+        (b"Date", b"x"),
+        (b"Set-Cookie", b"a=b"),
+        (b"X-Request-Id", b"r"),
+        (b"server", b"s"),
+    ]
+    want = [(b"content-type", b"application/json"), (b"x-request-id", b"r")]
+    assert p.response_headers(raw) == p.response_headers(raw) == want
+    # An upstream inventing names does not grow the memo past its bound.
+    for i in range(p._RESPONSE_NAMES_MAX + 10):
+        assert p.response_headers([(f"X-Junk-{i}".encode(), b"v")]) == []
+    assert len(p._RESPONSE_NAMES) <= p._RESPONSE_NAMES_MAX
+    assert p.response_headers(raw) == want
+
+
 # --- error bodies, read back by the official SDKs -----------------------------------------------
 
 OPENAI_ERRORS = {
@@ -1062,6 +1080,23 @@ def test_drop_only_applies_to_openai_usage_chunks() -> None:
     assert (out, obs.usage) == (stream, CHAT_USAGE)
 
 
+def test_quoted_done_marker_is_not_the_end() -> None:
+    # "[DONE]" as text in the last content chunk of a read, the real marker in the next read.
+    quoting = sse(chat_chunk({"content": "say [DONE] now"}))
+    for drop in (False, True):
+        obs = p.StreamObserver(CHAT, drop)
+        obs.feed(quoting)
+        assert not obs.done
+        obs.feed(sse(CHAT_USAGE_CHUNK))
+        assert not obs.done
+        obs.feed(sse("[DONE]"))
+        assert (obs.usage, obs.done) == (CHAT_USAGE, True)
+    # Both in one read, the quoting chunk after the marker: the marker is still found.
+    obs = p.StreamObserver(CHAT)
+    obs.feed(sse(CHAT_USAGE_CHUNK, "[DONE]") + quoting)
+    assert (obs.usage, obs.done) == (CHAT_USAGE, True)
+
+
 def test_usage_null_chunks_are_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
     real = orjson.loads
@@ -1071,9 +1106,12 @@ def test_usage_null_chunks_are_not_parsed(monkeypatch: pytest.MonkeyPatch) -> No
         return real(data)
 
     monkeypatch.setattr(orjson, "loads", counting)
-    p.StreamObserver(CHAT).feed(CHAT_STREAM)
-    # Only the usage chunk and the chunk quoting the markers are parsed.
-    assert len(calls) == 2
+    obs = p.StreamObserver(CHAT)
+    obs.feed(CHAT_STREAM)
+    # Only the usage chunk is parsed: a chunk quoting "[DONE]" is told from the marker
+    # without parsing it.
+    assert len(calls) == 1
+    assert (obs.usage, obs.done) == (CHAT_USAGE, True)
     calls.clear()
     p.StreamObserver(RESPONSES).feed(RESPONSES_STREAM)
     assert len(calls) == 2  # the tricky delta and response.completed

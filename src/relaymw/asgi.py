@@ -291,8 +291,12 @@ class _DisconnectWatch:
     def stop(self) -> None:
         # Not awaited: a cancelled watcher has nothing left to do, and waiting for it to
         # unwind would cost the request another trip through the event loop.
-        if self._task is not None:
-            self._task.cancel()
+        # Dropping the reference too: the cancelled task keeps its CancelledError, whose
+        # traceback holds _watch's frame and so this watcher; a watcher still holding the task
+        # would make a reference cycle, left for the garbage collector on every such stream.
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
 
 
 def _outcome(observer: StreamObserver, error: str | None) -> tuple[Usage | None, str | None, int]:

@@ -248,7 +248,9 @@ def upstream_headers(
             if key is None:
                 continue
         text = (value.decode("latin-1") if isinstance(value, bytes) else value).strip(" \t")
-        if _UNSENDABLE.search(text):  # an HTTP client refuses to send it: say so, not 502
+        # An HTTP client refuses to send what the regex finds: say so, not 502. Printable
+        # ASCII is always sendable: the regex runs only for tabs and anything else.
+        if not (text.isascii() and text.isprintable()) and _UNSENDABLE.search(text):
             raise RequestRejected(
                 400, "invalid_request", f"the {key} header holds characters it may not hold"
             )
@@ -284,21 +286,33 @@ _RESPONSE_HEADERS: dict[str | bytes, bytes] = {
 }
 
 
+# Every name seen so far -> its lower-case bytes when passed, None when dropped: one lookup a
+# header. Bounded, so an upstream inventing names cannot grow it; past the bound, names not in
+# it are worked out each time.
+_RESPONSE_NAMES: dict[str | bytes, bytes | None] = dict(_RESPONSE_HEADERS)
+_RESPONSE_NAMES_MAX = 1024
+_UNSEEN = b""
+
+
+def _response_name(name: str | bytes) -> bytes | None:
+    raw = None if name.islower() else _RESPONSE_HEADERS.get(name.lower())
+    if len(_RESPONSE_NAMES) < _RESPONSE_NAMES_MAX:
+        _RESPONSE_NAMES[name] = raw
+    return raw
+
+
 def response_headers(
     headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]],
 ) -> list[tuple[bytes, bytes]]:
     """The upstream headers passed to the client, as ASGI header pairs; names in any case."""
     out = []
-    allowed = _RESPONSE_HEADERS.get
+    known = _RESPONSE_NAMES.get
     for name, value in headers:
-        raw = allowed(name)
-        if raw is None:
-            if name.islower():  # most are dropped, and already lower-case
-                continue
-            raw = allowed(name.lower())
-            if raw is None:
-                continue
-        out.append((raw, value if isinstance(value, bytes) else value.encode("latin-1")))
+        raw = known(name, _UNSEEN)
+        if raw is _UNSEEN:
+            raw = _response_name(name)
+        if raw is not None:
+            out.append((raw, value if isinstance(value, bytes) else value.encode("latin-1")))
     return out
 
 
@@ -384,10 +398,13 @@ def _usage(kind: str, u: dict[str, Any]) -> Usage:
             _int(u.get("output_tokens")),
             _detail(u, "input_tokens_details"),
         )
+    # Inlined _int/_detail: this runs for every OpenAI call.
+    p, c, d = u.get("prompt_tokens"), u.get("completion_tokens"), u.get("prompt_tokens_details")
+    cached = d.get("cached_tokens") if isinstance(d, dict) else 0
     return Usage(
-        _int(u.get("prompt_tokens")),
-        _int(u.get("completion_tokens")),
-        _detail(u, "prompt_tokens_details"),
+        p if type(p) is int else 0,
+        c if type(c) is int else 0,
+        cached if type(cached) is int else 0,
     )
 
 
@@ -435,6 +452,12 @@ _TRIGGERS: dict[str, tuple[bytes, ...]] = {
     "responses": (b"response.completed", b"response.incomplete", b"response.failed"),
     "messages": (b"message_start", b"message_delta", b"message_stop"),
 }
+# Per endpoint kind: (OpenAI-style usage in a "usage" member, end/usage markers, output keys).
+_KIND_SCAN: dict[str, tuple[bool, tuple[bytes, ...], tuple[bytes, ...]]] = {
+    kind: (kind not in _TRIGGERS, _TRIGGERS.get(kind, (b"[DONE]",)), _OUTPUT_KEYS.get(kind, ()))
+    for kind in ("chat", "completions", "embeddings", "responses", "messages")
+}
+_OTHER_SCAN: tuple[bool, tuple[bytes, ...], tuple[bytes, ...]] = (True, (b"[DONE]",), ())
 _RESPONSES_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _ANTHROPIC_KEYS = (
     "input_tokens",
@@ -471,6 +494,21 @@ def _event_end(data: bytes, at: int, end: int) -> tuple[int, int]:
     if rr >= 0:
         return rr, rr + 4
     return end, end
+
+
+def _event_bounds(data: bytes, start: int, end: int, at: int, crlf: bool) -> tuple[int, int, int]:
+    """(start, end of text, end with separator) of the event of ``data[start:end]`` holding
+    offset ``at``; ``crlf``: whether ``data`` has a "\r" at all."""
+    if crlf:
+        s = _last_boundary(data, start, at)
+        text_end, e = _event_end(data, at, end)
+        return s, text_end, e
+    s = data.rfind(b"\n\n", start, at)
+    s = s + 2 if s >= 0 else start
+    text_end = data.find(b"\n\n", at, end)
+    if text_end < 0:
+        return s, end, end
+    return s, text_end, text_end + 2
 
 
 def _first_boundary(data: bytes) -> int:
@@ -592,15 +630,16 @@ class StreamObserver:
         output_limit: int | None = None,
         defer_count: bool = False,
     ) -> None:
+        kind = endpoint.kind
         self._endpoint = endpoint
-        self._kind = endpoint.kind
-        self._drop = drop_usage_chunk and endpoint.kind in ("chat", "completions")
+        self._kind = kind
+        self._drop = drop_usage_chunk and kind in ("chat", "completions")
         # With an output limit, feed() stops after the event that passes it (limit_reached):
         # one socket read may carry the whole rest of the stream.
         self._limit = output_limit
         self.limit_reached = False
         self._whole = self._drop or whole_events or output_limit is not None
-        self._out_keys = _OUTPUT_KEYS.get(endpoint.kind, ())
+        self._openai, self._triggers, self._out_keys = _KIND_SCAN.get(kind, _OTHER_SCAN)
         self._bytes_per_token = bytes_per_token
         self._out_events = 0  # string values of generated text seen (non-empty)
         self._out_bytes = 0  # their raw (JSON-escaped) length
@@ -612,8 +651,6 @@ class StreamObserver:
         self._uncounted: list[tuple[bytes, int, int]] = []  # complete events not counted yet
         self._uncounted_bytes = 0
         self.cut_short = False
-        self._openai = endpoint.kind not in _TRIGGERS
-        self._triggers = _TRIGGERS.get(endpoint.kind, (b"[DONE]",))
         self._held = bytearray()  # the trailing partial event (held back in whole-events mode)
         self._skip = False  # inside a runaway event: pass bytes through until it ends
         self._anthropic: dict[str, int] = {}
@@ -674,6 +711,9 @@ class StreamObserver:
 
     def finish(self) -> bytes:
         """Whatever is still held, forwarded as is (a last event without its blank line)."""
+        if not self._held:  # the usual end: the stream closed on an event boundary
+            self._skip = False
+            return b""
         held = bytes(self._held)
         self._held.clear()
         if held and not self._skip:
@@ -704,6 +744,8 @@ class StreamObserver:
         """Read the complete events in ``data[start:end]``; return the spans to drop.
 
         Only the marked events are looked at: the content events in between cost nothing."""
+        if self._openai:
+            return self._scan_openai(data, start, end)
         drops = None
         e = start
         crlf = _CR in data
@@ -726,6 +768,29 @@ class StreamObserver:
                 if drops is None:
                     drops = []
                 drops.append((s, e))
+        return drops
+
+    def _scan_openai(self, data: bytes, start: int, end: int) -> list[tuple[int, int]] | None:
+        """:meth:`_scan` for OpenAI streams: only the last usage report and the ``[DONE]``
+        marker matter, and a stream puts both at its end, so both are searched from there
+        (a forward search for ``[DONE]`` would read every content event first)."""
+        drops = None
+        crlf = _CR in data
+        at = _last_usage_object(data, start, end)
+        if at >= 0:
+            s, text_end, e = _event_bounds(data, start, end, at, crlf)
+            if self._handle(data[s:text_end]):
+                drops = [(s, e)]
+        if self.done:
+            return drops
+        at = data.rfind(b"[DONE]", start, end)
+        while at >= 0:
+            s, text_end, e = _event_bounds(data, start, end, at, crlf)
+            event = data[s:text_end]
+            if event == b"data: [DONE]" or _event_data(event) == b"[DONE]":
+                self.done = True
+                break
+            at = data.rfind(b"[DONE]", start, s)  # that one was text inside another event
         return drops
 
     def _handle(self, event: bytes) -> bool:

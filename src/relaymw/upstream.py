@@ -140,13 +140,16 @@ class _Translated:
         traceback: TracebackType | None,
     ) -> None:
         if isinstance(exc, _TRANSPORT_ERRORS):
-            # Only host:port and the error's type: str(exc) may carry a URL with a query.
-            timed_out = isinstance(exc, _TIMEOUTS)
-            cls = UpstreamTimeout if timed_out else UpstreamConnectionError
-            what = "timed out" if timed_out else "failed"
-            raise cls(
-                f"upstream {self._where} {what} {self._phase} ({type(exc).__name__})"
-            ) from exc
+            raise self.error(exc) from exc
+
+    def error(self, exc: BaseException) -> UpstreamError:
+        """The seam's error for a transport error ``exc`` (raise it ``from exc``). The hot
+        path calls it from an ``except`` clause: a ``with`` block costs two calls a read."""
+        # Only host:port and the error's type: str(exc) may carry a URL with a query.
+        timed_out = isinstance(exc, _TIMEOUTS)
+        cls = UpstreamTimeout if timed_out else UpstreamConnectionError
+        what = "timed out" if timed_out else "failed"
+        return cls(f"upstream {self._where} {what} {self._phase} ({type(exc).__name__})")
 
 
 class _ClientBase:
@@ -233,15 +236,14 @@ class _AiohttpResponse(_AsyncResponseBase):
             return b""
         content = self._resp.content
         try:
-            with self._owner._reading:
-                chunk = content.read_nowait()  # whatever has arrived, in one piece
-                if not chunk and not content.at_eof():
-                    if on_wait is not None:
-                        on_wait()
-                    chunk = await content.readany()
-        except UpstreamError:
+            chunk = content.read_nowait()  # whatever has arrived, in one piece
+            if not chunk and not content.at_eof():
+                if on_wait is not None:
+                    on_wait()
+                chunk = await content.readany()
+        except _TRANSPORT_ERRORS as exc:
             self._close()
-            raise
+            raise self._owner._reading.error(exc) from exc
         if not chunk:
             self._close()
         return chunk
@@ -301,12 +303,13 @@ class AiohttpUpstreamClient(_AsyncClientBase):
             session = self._session = self._new_session()
         self._inflight += 1  # before the await: a reload must not close a request in progress
         try:
-            with self._connecting:
-                resp = await session.request(
-                    method, url, headers=headers, data=body or None, allow_redirects=False
-                )
-        except BaseException:
+            resp = await session.request(
+                method, url, headers=headers, data=body or None, allow_redirects=False
+            )
+        except BaseException as exc:
             self._release()
+            if isinstance(exc, _TRANSPORT_ERRORS):
+                raise self._connecting.error(exc) from exc
             raise
         return _AiohttpResponse(self, resp)
 
