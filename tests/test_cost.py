@@ -465,3 +465,112 @@ def test_char_estimate_is_above_tiktoken_when_it_is_installed() -> None:
         exact = len(enc.encode_ordinary(text))
         assert CharEstimator().prompt_tokens(body, CHAT) >= exact
         assert estimator.prompt_tokens(body, CHAT) >= exact
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prompt=st.integers(0, 2_000_000),
+    requested=st.one_of(st.none(), st.integers(1, 200_000)),
+    cap=st.one_of(st.none(), st.decimals("0.000001", "50", places=6)),
+    n=st.one_of(st.none(), st.integers(1, 4)),
+    prices=st.tuples(*[st.decimals("0", "100", places=p) for p in (0, 2, 3)]),
+    cache=st.sampled_from([None, {"type": "ephemeral"}, {"type": "ephemeral", "ttl": "1h"}]),
+    endpoint=st.sampled_from([CHAT, MESSAGES, RESPONSES]),
+)
+def test_cap_figures_are_worst_case_cost_digit_for_digit(
+    prompt: int,
+    requested: int | None,
+    cap: Decimal | None,
+    n: int | None,
+    prices: tuple[Decimal, Decimal, Decimal],
+    cache: dict[str, str] | None,
+    endpoint: Any,
+) -> None:
+    """The cap's figures are worst_case_cost's Decimals, exponent included (they reach the
+    budget ledger and the signals), however it computes them."""
+    price = Price(prices[0], prices[1] + D("0.01"), prices[2])
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]}
+    if cache is not None:
+        body["system"] = [{"type": "text", "text": "x", "cache_control": cache}]
+    if requested is not None:
+        set_max_output_tokens(body, endpoint, requested)
+    if n is not None:
+        body["n"] = n
+    multiplier = D(1)
+    if endpoint is MESSAGES and cache is not None:
+        multiplier = D(2) if "ttl" in cache else D("1.25")
+    limit = requested if requested is not None else 4096
+    worst = worst_case_cost(price, prompt, limit, choices=n or 1, input_multiplier=multiplier)
+    try:
+        out = apply_cost_cap(body, endpoint, price, cap, "clamp", prompt, 4096)
+    except RequestRejected:
+        assert cap is not None and worst > cap
+        return
+    assert out.worst_case_usd is not None
+    if not out.clamped:
+        assert out.worst_case_usd.as_tuple() == worst.as_tuple()
+    if cap is not None:
+        prompt_cost = worst_case_cost(price, prompt, 0, input_multiplier=multiplier)
+        affordable = int((cap - prompt_cost) * 1_000_000 // (price.output_per_mtok * (n or 1)))
+        assert out.output_token_limit == affordable
+
+
+def _reference_char_estimate(body: dict[str, Any]) -> int:
+    """The estimate as first written: the stack walker over every prompt field, in order."""
+    parts: list[str] = []
+    direct = 8
+    for field in tokens._PROMPT_FIELDS:
+        value = body.get(field)
+        if value is None:
+            continue
+        direct += tokens._collect_deep(value, parts)
+        if field in tokens._LIST_FIELDS and isinstance(value, list):
+            direct += 4 * len(value)
+    size = sum(len(p.encode("utf-8", "surrogatepass")) for p in parts)
+    return direct + -(-size // 3)
+
+
+class _Str(str):
+    pass
+
+
+_json_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.sampled_from(["image", "image_url", "input_image", "text"]).map(lambda t: {"type": t})
+    | st.text().map(_Str)
+)
+_json = st.recursive(
+    _json_leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=5) | st.integers(0, 9), inner, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=st.dictionaries(st.sampled_from([*tokens._PROMPT_FIELDS, "model", "n"]), _json))
+def test_char_estimate_and_walk_match_the_stack_walker(body: dict[str, Any]) -> None:
+    """The fast recursive walk finds the same strings, in the same order, and the same direct
+    tokens as the stack walker it falls back to; the estimate is the same number."""
+    assert CharEstimator().prompt_tokens(body, CHAT) == _reference_char_estimate(body)
+    for value in body.values():
+        fast: list[str] = []
+        slow: list[str] = []
+        assert tokens._collect(value, fast) == tokens._collect_deep(value, slow)
+        assert fast == slow
+
+
+def test_char_estimate_of_a_very_deep_request() -> None:
+    """Nesting far below the recursion limit is walked without recursion, and counted."""
+    deep: Any = {"role": "user", "content": "x" * 30}
+    for i in range(20_000):
+        deep = [deep] if i % 2 else {"k": deep}
+    body = {"messages": [deep]}
+    assert CharEstimator().prompt_tokens(body, CHAT) == _reference_char_estimate(body)

@@ -193,6 +193,39 @@ def test_a_sink_keeps_counting_after_its_last_reference_is_dropped(fake_llm: Fak
         metrics.disconnect()
 
 
+def test_prometheus_series_follow_each_event_whatever_was_counted_before() -> None:
+    """The sink keeps each (route, version)'s bound series: later events with other statuses,
+    errors, streams, tokens or labels still land in their own series, and a series appears
+    only once it has a value."""
+    registry = CollectorRegistry()
+    base = {"route": "r", "version": "v", "latency_ms": 10.0, "cost_usd": Decimal(0)}
+    with PrometheusSink(registry):
+        send = signals.request_finished.send
+        send(None, **base, status=200, prompt_tokens=0, completion_tokens=0)
+        text = generate_latest(registry).decode()
+        for absent in ("relaymw_ttft_seconds_count{", "relaymw_tokens_total{", "cost_usd_total{"):
+            assert absent not in text  # no value yet: no series
+        send(None, **base, status=200, prompt_tokens=5, completion_tokens=7, ttft_ms=3.0)
+        send(None, **base, status=503, error="upstream_error")
+        send(None, **{**base, "status": 200.0})  # not an int status: "none", as before
+        send(None, **{**base, "route": None, "version": None, "status": None})
+        send(None, **{**base, "route": ["odd"], "status": 429, "cost_usd": Decimal("0.25")})
+        send(None, **base, status=204, mode="gateway", extra_field="ignored")
+    rv = {"route": "r", "version": "v"}
+    assert scraped(registry, "relaymw_requests_total", status="2xx", **rv) == 3
+    assert scraped(registry, "relaymw_requests_total", status="5xx", **rv) == 1
+    assert scraped(registry, "relaymw_requests_total", status="none", **rv) == 1
+    assert scraped(registry, "relaymw_requests_total", route="", version="", status="none") == 1
+    odd = {"route": "['odd']", "version": "v"}
+    assert scraped(registry, "relaymw_requests_total", status="4xx", **odd) == 1
+    assert scraped(registry, "relaymw_cost_usd_total", **odd) == 0.25
+    assert scraped(registry, "relaymw_errors_total", error="upstream_error", **rv) == 1
+    assert scraped(registry, "relaymw_latency_seconds_count", **rv) == 5
+    assert scraped(registry, "relaymw_ttft_seconds_count", **rv) == 1
+    assert scraped(registry, "relaymw_tokens_total", kind="prompt", **rv) == 5
+    assert scraped(registry, "relaymw_tokens_total", kind="completion", **rv) == 7
+
+
 # --- JSON-lines audit log ------------------------------------------------------------------
 
 

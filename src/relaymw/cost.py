@@ -43,6 +43,7 @@ log = logging.getLogger("relaymw.cost")
 MILLION = Decimal(1_000_000)
 CACHE_WRITE_MULTIPLIER = Decimal("1.25")
 CACHE_WRITE_1H_MULTIPLIER = Decimal(2)
+_ONE = Decimal(1)
 D = Decimal
 
 # USD per million tokens, as the providers publish them (input, output, cached input).
@@ -64,10 +65,11 @@ _DATE_SUFFIX = re.compile(r"-(?:\d{8}|\d{4}-\d{2}-\d{2})$")
 def price_for(model: str, overrides: Mapping[str, Price]) -> Price | None:
     """The price of ``model``: a configured override first, then the built-in table; a dated
     snapshot name (``claude-sonnet-4-20250514``) falls back to its family's price."""
-    for table in (overrides, DEFAULT_PRICING):
-        price = table.get(model)
-        if price is not None:
-            return price
+    price = overrides.get(model)
+    if price is None:
+        price = DEFAULT_PRICING.get(model)
+    if price is not None:
+        return price
     undated = _DATE_SUFFIX.sub("", model)
     if undated != model:
         return price_for(undated, overrides)
@@ -147,8 +149,16 @@ def _positive_int(v: object) -> int | None:
 def max_output_tokens(body: Mapping[str, Any], endpoint: Endpoint) -> int | None:
     """The output-token limit the body sets (the lowest, when it spells two); None if none
     (a missing, null, non-numeric or non-positive value: the upstream would not honour it)."""
-    values = [n for k in _MAX_KEYS.get(endpoint.kind, ()) if (n := _positive_int(body.get(k)))]
-    return min(values) if values else None
+    lowest = None
+    for key in _MAX_KEYS.get(endpoint.kind, ()):
+        value = body.get(key)
+        if value is None:
+            continue
+        # A plain int in range is its own answer (the usual body); anything else is checked.
+        n = value if value.__class__ is int and 1 <= value < 2**53 else _positive_int(value)
+        if n and (lowest is None or n < lowest):
+            lowest = n
+    return lowest
 
 
 def set_max_output_tokens(body: dict[str, Any], endpoint: Endpoint, value: int) -> None:
@@ -185,17 +195,20 @@ class CapOutcome:
 
 def _choices(body: Mapping[str, Any]) -> int:
     """How many completions one call generates (``n``, legacy ``best_of``)."""
-    return max(_positive_int(body.get("n")) or 1, _positive_int(body.get("best_of")) or 1)
+    n, best_of = body.get("n"), body.get("best_of")
+    if n is None and best_of is None:  # the usual body: one choice
+        return 1
+    return max(_positive_int(n) or 1, _positive_int(best_of) or 1)
 
 
 def _cache_write_multiplier(body: Mapping[str, Any], endpoint: Endpoint) -> Decimal:
     """Anthropic bills prompt tokens written to its cache above the input price."""
     if endpoint.kind != "messages":
-        return Decimal(1)
+        return _ONE
     found: list[Any] = []
     _find_cache_control(body, found)
     if not found:
-        return Decimal(1)
+        return _ONE
     if any(isinstance(c, dict) and c.get("ttl") == "1h" for c in found):
         return CACHE_WRITE_1H_MULTIPLIER
     return CACHE_WRITE_MULTIPLIER
@@ -266,12 +279,16 @@ def apply_cost_cap(
         )
     choices = _choices(body)
     multiplier = _cache_write_multiplier(body, endpoint)
-    worst = worst_case_cost(
-        price, prompt_tokens, limit, choices=choices, input_multiplier=multiplier
-    )
+    # worst_case_cost's sum, its prompt part computed once; "* 1" would change nothing.
+    prompt_part = prompt_tokens * price.input_per_mtok
+    if multiplier is not _ONE:
+        prompt_part *= multiplier
+    worst = (prompt_part + limit * choices * price.output_per_mtok) / MILLION
     if cap is None:
         return CapOutcome(worst, limit)
-    prompt_cost = worst_case_cost(price, prompt_tokens, 0, input_multiplier=multiplier)
+    # The same value as worst_case_cost(..., 0, ...), whose "+ 0 * output price" only pads
+    # the exponent: prompt_cost is only compared, subtracted and rounded, never shown as is.
+    prompt_cost = prompt_part / MILLION
     per_token = price.output_per_mtok * choices
     affordable: int | None = None
     if generates and per_token > 0 and prompt_cost <= cap:

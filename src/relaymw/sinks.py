@@ -110,36 +110,99 @@ class PrometheusMetrics(Sink):
         for name, (_, keys) in _COUNTED.items():
             self.handlers[getattr(signals, name)] = partial(self._count, self.counters[name], keys)
         self._children: dict[tuple[object, ...], Any] = {}
+        self._series: dict[tuple[Any, Any], _Series] = {}
         self.users = 0  # the PrometheusSinks connected: receivers are connected while > 0
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)  # the hot path: one dict lookup once the child exists
+        key = (id(metric), *labels)  # one dict lookup once the child exists
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels) if labels else metric
         return child
 
-    def on_request(self, _sender: Any, **e: Any) -> None:
-        rv = (str(e.get("route") or ""), str(e.get("version") or ""))
-        status = e.get("status")
-        klass = f"{status // 100}xx" if isinstance(status, int) and status >= 100 else "none"
-        self._child(self.requests, *rv, klass).inc()
-        if e.get("error"):
-            self._child(self.errors, *rv, str(e["error"])).inc()
-        self._child(self.latency, *rv).observe(e["latency_ms"] / 1000)
-        if e.get("ttft_ms") is not None:
-            self._child(self.ttft, *rv).observe(e["ttft_ms"] / 1000)
-        for kind in ("prompt", "completion"):
-            if n := e.get(f"{kind}_tokens"):
-                self._child(self.tokens, *rv, kind).inc(n)
-        if cost := e.get("cost_usd"):
-            self._child(self.cost, *rv).inc(float(cost))  # Decimal → float only here
+    def _series_for(self, route: Any, version: Any) -> _Series:
+        rv = (str(route or ""), str(version or ""))
+        try:
+            return self._series.setdefault((route, version), _Series(self, rv))
+        except TypeError:  # an unhashable label value from a foreign sender: not cached
+            return _Series(self, rv)
+
+    def on_request(
+        self,
+        _sender: Any,
+        *,
+        route: Any = None,
+        version: Any = None,
+        status: Any = None,
+        latency_ms: Any = None,  # required: a missing one fails below, as e["latency_ms"] did
+        ttft_ms: float | None = None,
+        prompt_tokens: Any = None,
+        completion_tokens: Any = None,
+        cost_usd: Any = None,
+        error: Any = None,
+        # Named, though unused: binding a keyword costs less than putting it in a ** dict.
+        stream: Any = None,
+        mode: Any = None,
+        protocol: Any = None,
+        usage_estimated: Any = None,
+        cached_tokens: Any = None,
+        **_rest: Any,
+    ) -> None:
+        # Once per request: every bound child comes from the (route, version) entry, so a
+        # request costs one dict lookup instead of a labels() call (and its str()s) per metric.
+        # Children are made on first use only: a series appears when it first has a value.
+        try:
+            series = self._series[route, version]
+        except (KeyError, TypeError):
+            series = self._series_for(route, version)
+        # Cached by int status only: 200.0 or Decimal(200) hash like 200 but count as "none".
+        requests = series.by_status.get(status) if status.__class__ is int else None
+        (requests or series.requests_for(status)).inc()
+        if error:
+            self._child(self.errors, *series.rv, str(error)).inc()
+        (series.latency or series.child("latency", self.latency)).observe(latency_ms / 1000)
+        if ttft_ms is not None:
+            (series.ttft or series.child("ttft", self.ttft)).observe(ttft_ms / 1000)
+        if prompt_tokens:
+            (series.prompt or series.child("prompt", self.tokens, "prompt")).inc(prompt_tokens)
+        if completion_tokens:
+            child = series.completion or series.child("completion", self.tokens, "completion")
+            child.inc(completion_tokens)
+        if cost_usd:
+            (series.cost or series.child("cost", self.cost)).inc(float(cost_usd))  # only here
 
     def _count(self, metric: Any, keys: tuple[str, ...], _sender: Any, **e: Any) -> None:
         labels = [str(e.get(k) or "") for k in keys]
         if keys and keys[0] == "scope" and labels[0].startswith("identity:"):
             labels[0] = "identity"  # one series for every identity, not one per hash
         self._child(metric, *labels).inc()
+
+
+class _Series:
+    """The bound children of one ``(route, version)``, each made on first use."""
+
+    __slots__ = ("by_status", "completion", "cost", "latency", "metrics", "prompt", "rv", "ttft")
+
+    def __init__(self, metrics: PrometheusMetrics, rv: tuple[str, str]) -> None:
+        self.metrics, self.rv = metrics, rv
+        self.by_status: dict[Any, Any] = {}
+        self.latency: Any = None
+        self.ttft: Any = None
+        self.prompt: Any = None
+        self.completion: Any = None
+        self.cost: Any = None
+
+    def requests_for(self, status: Any) -> Any:
+        klass = f"{status // 100}xx" if isinstance(status, int) and status >= 100 else "none"
+        child = self.metrics._child(self.metrics.requests, *self.rv, klass)
+        if status.__class__ is int:  # a few statuses per series: kept
+            self.by_status[status] = child
+        return child
+
+    def child(self, slot: str, metric: Any, *labels: str) -> Any:
+        child = self.metrics._child(metric, *self.rv, *labels)
+        setattr(self, slot, child)
+        return child
 
 
 _shared: WeakKeyDictionary[Any, dict[str, PrometheusMetrics]] = WeakKeyDictionary()
