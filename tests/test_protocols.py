@@ -1480,3 +1480,46 @@ def test_cut_anthropic_stream_between_blocks() -> None:
     ) as s:
         message = s.get_final_message()
     assert message.stop_reason == "max_tokens"
+
+
+USAGE_JSON = (
+    b'"usage":{"prompt_tokens":7,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":3}}'
+)
+
+
+@pytest.mark.parametrize(
+    ("event", "dropped_chunk"),
+    [
+        (b'{"id":"c","choices":[],' + USAGE_JSON + b"}", True),  # OpenAI's order
+        (b'{"id":"c",' + USAGE_JSON + b',"choices":[]}', True),  # choices after usage
+        (b'{"id":"c",' + USAGE_JSON + b"}", True),  # no choices at all
+        (b'{"id":"c","choices":[{"delta":{}}],' + USAGE_JSON + b"}", False),
+        (b'{"id":"c",' + USAGE_JSON + b',"choices":[{"delta":{}}]}', False),
+        (b'{"id":"c","choices": [],' + USAGE_JSON + b"}", True),  # other spelling: whole parse
+        (b'{"x":{"choices":[]},"choices":[1],' + USAGE_JSON + b"}", False),  # whole parse
+    ],
+)
+def test_usage_chunk_read_from_its_usage_member_on(event: bytes, dropped_chunk: bool) -> None:
+    """Only the text from the top-level usage key on is parsed; the drop still follows the
+    chunk's own choices, wherever they are."""
+    stream = b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}]}\n\ndata: ' + event
+    stream += b"\n\ndata: [DONE]\n\n"
+    out, obs = run(CHAT, [stream], drop=True)
+    assert obs.usage == p.Usage(7, 2, 3)
+    assert obs.done
+    assert (b'"usage"' not in out) is dropped_chunk
+    out, obs = run(CHAT, [stream], drop=False)
+    assert out == stream and obs.usage == p.Usage(7, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b'{"id":"c","meta":{' + USAGE_JSON + b"}}",  # nested: not the chunk's usage
+        b'{"id":"c",' + USAGE_JSON + b',"usage":null}',  # a later member wins
+    ],
+)
+def test_usage_only_from_the_top_level_and_last_member(event: bytes) -> None:
+    out, obs = run(CHAT, [b"data: " + event + b"\n\ndata: [DONE]\n\n"], drop=True)
+    assert obs.usage is None
+    assert b'"usage"' in out

@@ -27,7 +27,7 @@ from relaymw.engine import (
     usage_of_body,
 )
 from relaymw.errors import RequestRejected, UpstreamConnectionError, UpstreamError
-from relaymw.protocols import Endpoint, StreamObserver, Usage
+from relaymw.protocols import BYTES_PER_TOKEN, Endpoint, StreamObserver, Usage
 from relaymw.snapshot import CompiledRoute, RawHeaders, RequestView, Snapshot
 from relaymw.stores import Store
 from relaymw.tokens import estimate_completion_tokens
@@ -225,8 +225,10 @@ class RelayMiddleware:
         exchange = call.exchange
         adm = exchange.admission
         limit = adm.output_token_limit if adm is not None else None
+        # whole_events=False, bytes_per_token, output_limit=limit, defer_count=True (by
+        # position: keywords would cost a dict per stream).
         observer = StreamObserver(
-            call.endpoint, call.drop_usage_chunk, output_limit=limit, defer_count=True
+            call.endpoint, call.drop_usage_chunk, False, BYTES_PER_TOKEN, limit, True
         )
         watch = _DisconnectWatch(receive, response)
         read, on_wait = response.read_chunk, watch.start
@@ -308,12 +310,12 @@ def _outcome(observer: StreamObserver, error: str | None) -> tuple[Usage | None,
 
 def _request_view(scope: Scope, snapshot: Snapshot) -> RequestView:
     client = scope.get("client")
-    return RequestView.build(
-        RawHeaders(scope["headers"]),
-        client[0] if client else None,
-        scope.get("scheme", "http"),
-        snapshot.config.rate_limiting.trusted_proxy_count,
-    )
+    peer = client[0] if client else None
+    trusted = snapshot.config.rate_limiting.trusted_proxy_count
+    headers = RawHeaders(scope["headers"])
+    if trusted:  # X-Forwarded-For is read only then: the usual request skips build()
+        return RequestView.build(headers, peer, scope.get("scheme", "http"), trusted)
+    return RequestView(headers, peer, scope.get("scheme", "http"))
 
 
 async def _read_body(scope: Scope, receive: Receive, message: Message, limit: int) -> bytes:

@@ -71,6 +71,9 @@ log = logging.getLogger("relaymw")
 PAGE_ERRORS = Endpoint("openai", "chat", "/chat/completions")
 _perf = time.perf_counter
 _ZERO = Decimal(0)
+# (b"x-relaymw-version", tag) per version tag: the header pair every response carries. Tags
+# come from configurations only, so it grows with them, not with requests.
+_TAG_HEADERS: dict[str, tuple[bytes, bytes]] = {}
 
 
 class Exchange:
@@ -183,7 +186,11 @@ class GatewayCall:
         # Time relaymw itself spent: before the upstream call and after its headers arrived.
         overhead = (ex.sent_at - ex.started) + (now - (ex.headers_at or now))
         out = protocols.response_headers(upstream_headers)
-        out.append((b"x-relaymw-version", self.choice.version_tag.encode()))
+        tag = self.choice.version_tag
+        raw = _TAG_HEADERS.get(tag)
+        if raw is None:
+            raw = _TAG_HEADERS[tag] = (b"x-relaymw-version", tag.encode())
+        out.append(raw)
         if ex.admission is not None:
             out += [(k.lower().encode(), v.encode()) for k, v in ex.admission.headers]
         out.append((b"x-relaymw-overhead-ms", b"%.3f" % (overhead * 1000)))
@@ -420,7 +427,8 @@ class Relay:
         choice, set_cookie = snapshot.choose(
             route, request, pinned_tag=pinned, sticky_key=self.sticky_key
         )
-        self._selected(choice, "gateway")
+        if signals.version_selected.receivers:
+            self._selected(choice, "gateway")
         return self.build_call(
             endpoint, body, choice, request.headers, exchange, set_cookie, route.route
         )
@@ -439,13 +447,14 @@ class Relay:
         """Rewrite a claimed request for the chosen version (``body`` is modified in place)
         and apply its cost cap. Raises ``RequestRejected``."""
         exchange.choice = choice
-        protocols.check_family(endpoint, choice.upstream, choice.version_tag)
+        if endpoint.family != choice.upstream.protocol:
+            protocols.check_family(endpoint, choice.upstream, choice.version_tag)
         body = protocols.rewrite_request(body, endpoint, choice.version, choice.upstream)
         exchange.body = body
         if route is None:
             route = self._snapshot.routes[choice.route].route
         exchange.admission = self.guard.prepare(body, endpoint, choice, route, in_app)
-        stream = protocols.is_stream(body)
+        stream = body.get("stream") is True  # protocols.is_stream, inlined
         exchange.stream = stream
         drop = protocols.request_stream_usage(body, endpoint) if stream else False
         try:

@@ -156,7 +156,7 @@ def rewrite_request(
         if key in _NEVER_OVERRIDE or (embeddings and key in _GENERATION_PARAMS):
             continue
         if key in _MAX_KEYS:
-            if _is_number(value) and (cap is None or value < cap):
+            if (type(value) is int or _is_number(value)) and (cap is None or value < cap):
                 cap, cap_key = value, key
         else:
             body[key] = value
@@ -166,7 +166,7 @@ def rewrite_request(
             if key in body:  # null, a string or a higher number all become the cap
                 capped = True
                 v = body[key]
-                if not _is_number(v) or v > cap:
+                if not (type(v) is int or _is_number(v)) or v > cap:
                     body[key] = cap
         if not capped:
             key = _DEFAULT_MAX_KEY.get(endpoint.kind, "max_output_tokens")
@@ -624,7 +624,7 @@ class StreamObserver:
         self,
         endpoint: Endpoint,
         drop_usage_chunk: bool = False,
-        *,
+        # Positional too: a class called with keywords builds a dict of them per stream.
         whole_events: bool = False,
         bytes_per_token: int = BYTES_PER_TOKEN,
         output_limit: int | None = None,
@@ -690,7 +690,10 @@ class StreamObserver:
                 self._note_output(data, start, end)
             else:
                 end = self._count_to_limit(data, start, end, self._limit)
-            drops = self._scan(data, start, end)
+            if self._openai:  # _scan's first test, saving a call on every read
+                drops = self._scan_openai(data, start, end)
+            else:
+                drops = self._scan(data, start, end)
         if self.limit_reached:
             held.clear()
         elif end < len(data):
@@ -779,7 +782,7 @@ class StreamObserver:
         at = _last_usage_object(data, start, end)
         if at >= 0:
             s, text_end, e = _event_bounds(data, start, end, at, crlf)
-            if self._handle(data[s:text_end]):
+            if self._handle_usage(data, s, text_end, at):
                 drops = [(s, e)]
         if self.done:
             return drops
@@ -792,6 +795,35 @@ class StreamObserver:
                 break
             at = data.rfind(b"[DONE]", start, s)  # that one was text inside another event
         return drops
+
+    def _handle_usage(self, data: bytes, s: int, text_end: int, at: int) -> bool:
+        """:meth:`_handle` for the OpenAI event ``data[s:text_end]`` whose last ``"usage"`` key
+        holding an object is at ``at``: as :func:`relaymw.engine.usage_of_body` does, only the
+        text from that key on, reopened with ``{``, is parsed when it is an object by itself
+        (then the key is a member of the top-level object), not the chunk's id and model. The
+        drop needs the chunk's ``choices`` empty or absent: read from that tail when it holds
+        them, else from the one compact ``"choices":[]`` before the key. Anything else is
+        parsed whole: other spellings, and an event with more lines after the usage (they
+        leave the tail no JSON). Lines before it leave the tail as a whole parse reads it."""
+        if data.startswith(b"data: {", s):
+            try:
+                obj = orjson.loads(b"{" + data[at:text_end])
+            except orjson.JSONDecodeError:
+                obj = None
+            # A later duplicate "usage" member (not an object) wins, as in a whole parse.
+            if obj is not None and isinstance(u := obj["usage"], dict):
+                choices: Any = None
+                if not self._drop:
+                    pass
+                elif "choices" in obj:
+                    choices = obj["choices"]
+                else:
+                    n = data.count(b'"choices"', s, at)
+                    if n > 1 or (n == 1 and data.find(b'"choices":[]', s, at) < 0):
+                        return self._handle(data[s:text_end])
+                self.usage = _usage(self._kind, u)
+                return self._drop and not choices
+        return self._handle(data[s:text_end])
 
     def _handle(self, event: bytes) -> bool:
         """Take usage and the end marker from one event; True if it is the chunk to drop."""

@@ -227,7 +227,11 @@ class _AiohttpResponse(_AsyncResponseBase):
     __slots__ = ("_owner", "_resp")
 
     def __init__(self, owner: AiohttpUpstreamClient, resp: aiohttp.ClientResponse) -> None:
-        super().__init__(resp.status, resp.raw_headers)
+        # The base's fields, set here: super().__init__ costs another call per response.
+        self.status = resp.status
+        self.raw_headers = resp.raw_headers
+        self._decoded = None
+        self._closed = False
         self._owner = owner
         self._resp = resp
 
@@ -485,13 +489,21 @@ class UpstreamPool:
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClients] = (
             weakref.WeakKeyDictionary()
         )
+        # The last loop's state, one tuple so that threads running other loops swap it whole:
+        # WeakKeyDictionary.get makes a weak reference per call. (Its clients hold that loop
+        # strongly anyway.)
+        self._hot: tuple[asyncio.AbstractEventLoop | None, _LoopClients | None] = (None, None)
         self._sync: dict[str, tuple[Upstream, HttpxSyncUpstreamClient]] = {}
         self._sync_lock = threading.Lock()
 
     def get_async(self, name: str, upstream: Upstream) -> AsyncUpstreamClient:
         """The client for ``name`` in the running loop (no lock: one loop is one thread)."""
         loop = asyncio.get_running_loop()
-        state = self._async.get(loop)
+        hot_loop, state = self._hot
+        if hot_loop is not loop:
+            state = self._async.get(loop)
+            if state is not None:
+                self._hot = (loop, state)
         if state is not None:
             entry = state.clients.get(name)
             if entry is not None and (entry[0] is upstream or entry[0] == upstream):
@@ -506,6 +518,7 @@ class UpstreamPool:
         state = self._async.get(loop)
         if state is None:
             state = self._async[loop] = _LoopClients()
+        self._hot = (loop, state)
         client = self._async_factory(upstream)
         old = state.clients.get(name)
         state.clients[name] = (upstream, client)
@@ -534,7 +547,10 @@ class UpstreamPool:
 
     async def aclose(self) -> None:
         """Close the async clients of the running loop (lifespan shutdown)."""
-        state = self._async.pop(asyncio.get_running_loop(), None)
+        loop = asyncio.get_running_loop()
+        if self._hot[0] is loop:
+            self._hot = (None, None)
+        state = self._async.pop(loop, None)
         if state is not None:
             for _, client in state.clients.values():
                 await client.aclose()
