@@ -497,7 +497,7 @@ def test_a_failed_settlement_keeps_the_worst_case(
         r = ledger.reserve(CHAT, D("0.40"), now=NOW)
         import redis
 
-        def broken(**_: Any) -> Any:
+        def broken(*_: Any) -> Any:
             raise redis.ConnectionError("connection reset")
 
         client, reserve, _settle = ledger._clients[False]
@@ -553,7 +553,7 @@ def test_each_outage_is_signalled_once(
     ledger = BudgetLedger([month("1.00")], redis_url, prefix=redis_prefix, probe_interval=0)
     client, reserve, settle = ledger._clients[False]
 
-    def down(**_: Any) -> Any:
+    def down(*_: Any) -> Any:
         raise redis.TimeoutError("timed out")
 
     try:

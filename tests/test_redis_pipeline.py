@@ -82,7 +82,7 @@ async def test_scripts_reload_after_the_server_forgets_them(
     assert await script([key], [2]) == 2
     with redis.Redis.from_url(redis_url) as admin:
         admin.script_flush()
-    assert await script([key], [3]) == 5  # NOSCRIPT, SCRIPT LOAD, then EVALSHA again
+    assert await script([key], [3]) == 5  # NOSCRIPT, then the script itself (EVAL)
     with pytest.raises(redis.exceptions.NoScriptError):
         await client.evalsha("0" * 40, 0)
 

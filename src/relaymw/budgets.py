@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Literal
@@ -119,6 +119,7 @@ class Reservation:
     backend: Literal["redis", "memory"]
     settled: bool = False
     actual: Decimal | None = None
+    actual_nano: int = attrs.field(default=0, repr=False)
 
 
 @attrs.frozen
@@ -261,7 +262,7 @@ class BudgetLedger:
         plan = self._plan(scopes, amount, now)
         if plan is None:
             return None
-        return self._admit(plan, self._run(1, _reserve_call(plan)) if self._use_redis() else None)
+        return self._admit(plan, self._run(1, *_reserve_call(plan)) if self._use_redis() else None)
 
     async def areserve(
         self, scopes: BudgetScopes, amount: Decimal, now: datetime | None = None
@@ -270,7 +271,7 @@ class BudgetLedger:
         plan = self._plan(scopes, amount, now)
         if plan is None:
             return None
-        result = await self._arun(1, _reserve_call(plan)) if self._use_redis() else None
+        result = await self._asend(1, *_reserve_call(plan)) if self._use_redis() else None
         return self._admit(plan, result)
 
     def reconcile(self, reservation: Reservation | None, actual: Decimal) -> None:
@@ -278,14 +279,25 @@ class BudgetLedger:
         reservation settles once: later calls are ignored."""
         if reservation is not None and self._claim(reservation, actual):
             shared = reservation.backend == "redis"
-            self._settled(reservation, self._run(2, _settle_call(reservation)) if shared else None)
+            self._settled(reservation, self._run(2, *_settle_call(reservation)) if shared else None)
 
     async def areconcile(self, reservation: Reservation | None, actual: Decimal) -> None:
         """:meth:`reconcile` on ``redis.asyncio``."""
-        if reservation is not None and self._claim(reservation, actual):
-            shared = reservation.backend == "redis"
-            fired = await self._arun(2, _settle_call(reservation)) if shared else None
-            self._settled(reservation, fired)
+        await self.areconcile_soon(reservation, actual)
+
+    def areconcile_soon(self, reservation: Reservation | None, actual: Decimal) -> Awaitable[None]:
+        """:meth:`areconcile`, its Redis command queued before this returns: on a pipelined
+        connection it leaves with the commands sent next (one write, one round trip for both).
+        Await the result to finish it (reading the reply, sending the alerts)."""
+        if reservation is None or not self._claim(reservation, actual):
+            return _nothing()
+        if reservation.backend != "redis":
+            self._settled(reservation, None)
+            return _nothing()
+        return self._asettled(reservation, self._asend(2, *_settle_call(reservation)))
+
+    async def _asettled(self, reservation: Reservation, reply: Awaitable[Any]) -> None:
+        self._settled(reservation, await reply)
 
     def release(self, reservation: Reservation | None) -> None:
         """Give a reservation back: its call failed or was abandoned before costing anything."""
@@ -372,14 +384,13 @@ class BudgetLedger:
         with self._lock:
             claimed, reservation.settled = not reservation.settled, True
         if claimed:
-            reservation.actual = Decimal(nano) / NANO
+            reservation.actual, reservation.actual_nano = Decimal(nano) / NANO, nano
         return claimed
 
     def _settled(self, r: Reservation, fired: Sequence[Any] | None) -> None:
         """Send the alert thresholds crossed (``fired`` None: settle in memory first)."""
         if fired is None:
-            actual = _to_nano(r.actual or Decimal(0))
-            fired = self._memory.settle(r.counters.entries, r.nano, actual)
+            fired = self._memory.settle(r.counters.entries, r.nano, r.actual_nano)
         for i in range(0, len(fired), 3):
             e, frac = r.counters.entries[int(fired[i]) - 1], fired[i + 1]
             fraction = float(frac.decode() if isinstance(frac, bytes) else frac)
@@ -406,21 +417,32 @@ class BudgetLedger:
                 self._failed(exc, 0)
         return Decimal(int(values[0] or 0)) / NANO, Decimal(int(values[1] or 0)) / NANO
 
-    def _run(self, script: int, call: dict[str, list[Any]]) -> Any:
+    def _run(self, script: int, keys: list[str], args: list[Any]) -> Any:
         """Run script 1 (reserve) or 2 (settle) in Redis; see :meth:`_failed` for failures."""
         sent = time.monotonic()
         try:
-            result = self._clients[False][script](**call)
+            result = self._clients[False][script](keys, args)
         except self._errors as exc:
             return self._failed(exc, script)
         if sent > self._failed_at:  # a call sent before the last failure cannot end it
             self._recovered()
         return result
 
-    async def _arun(self, script: int, call: dict[str, list[Any]]) -> Any:  # _run, async
+    def _asend(self, script: int, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        """:meth:`_run` on ``redis.asyncio``: a pipelined client queues the command now; the
+        result awaits its reply."""
         sent = time.monotonic()
         try:
-            result = await self._clients[True][script](**call)
+            reply: Awaitable[Any] | Exception = self._clients[True][script](keys, args)
+        except self._errors as exc:  # a closed connection refuses it at once
+            reply = exc
+        return self._areply(script, reply, sent)
+
+    async def _areply(self, script: int, reply: Awaitable[Any] | Exception, sent: float) -> Any:
+        try:
+            if isinstance(reply, Exception):
+                raise reply
+            result = await reply
         except self._errors as exc:
             return self._failed(exc, script)
         if sent > self._failed_at:  # a call sent before the last failure cannot end it
@@ -454,11 +476,14 @@ class BudgetLedger:
         return [] if script == 2 else None
 
 
-def _reserve_call(plan: _Plan) -> dict[str, list[Any]]:
+async def _nothing() -> None:
+    pass
+
+
+def _reserve_call(plan: _Plan) -> tuple[list[str], list[Any]]:
     counters, _, nano, _ = plan
-    return {"keys": counters.keys, "args": [nano, *counters.limits_and_expiry]}
+    return counters.keys, [nano, *counters.limits_and_expiry]
 
 
-def _settle_call(r: Reservation) -> dict[str, list[Any]]:
-    amounts = [-r.nano, _to_nano(r.actual or Decimal(0))]
-    return {"keys": r.counters.keys, "args": [*amounts, *r.counters.expiry_and_alerts]}
+def _settle_call(r: Reservation) -> tuple[list[str], list[Any]]:
+    return r.counters.keys, [-r.nano, r.actual_nano, *r.counters.expiry_and_alerts]

@@ -29,6 +29,7 @@ __all__ = ["DEFAULT_MAX_OUTPUT", "Admission", "Guard"]
 
 # The output a worst case assumes when neither the client nor the version limits it.
 DEFAULT_MAX_OUTPUT = 4096
+_UNKNOWN: Any = object()
 
 
 class Admission:
@@ -109,6 +110,7 @@ class Guard:
                 self.retired.append(previous.ledger)
         # In-app calls were counted against request limits when the page request came in.
         self._token_only: dict[tuple[str, str], tuple[Route, Version]] = {}
+        self._prices: dict[str, Price | None] = {}  # by version tag
 
     def prepare(
         self,
@@ -128,7 +130,11 @@ class Guard:
             return None
         if in_app and limited:
             route, version = self._without_request_limits(route, version)
-        price = price_for(version.upstream_model(choice.upstream), self.config.pricing)
+        price = self._prices.get(choice.version_tag, _UNKNOWN)
+        if price is _UNKNOWN:  # a tag names one version and upstream in this configuration
+            price = self._prices[choice.version_tag] = price_for(
+                version.upstream_model(choice.upstream), self.config.pricing
+            )
         prompt = self.estimator.prompt_tokens(body, endpoint)
         admission = Admission(route, version, price, prompt)
         outcome = apply_cost_cap(
@@ -215,14 +221,25 @@ class Guard:
         if admission.settled:
             return
         admission.settled = True
-        await self.limiter.arecord_tokens(
+        record = self.limiter.arecord_tokens(
             admission.route, admission.version, admission.identity, tokens
         )
-        if self.ledger is not None:
-            if billed:
-                await self.ledger.areconcile(admission.reservation, cost)
-            else:
-                await self.ledger.arelease(admission.reservation)
+        if self.ledger is None:
+            await record
+            return
+        # The budget's command is queued first, so that the token count's joins its write:
+        # one round trip (and one wake-up) for both.
+        try:
+            reconcile = self.ledger.areconcile_soon(
+                admission.reservation, cost if billed else Decimal(0)
+            )
+        except BaseException:  # an invalid cost: the tokens are counted all the same
+            await record
+            raise
+        try:
+            await record
+        finally:
+            await reconcile
 
     def close(self) -> None:
         for item in (self.limiter, self.ledger):

@@ -64,6 +64,19 @@ def _reader() -> Any:
 # "NOSCRIPT ..." -> NoScriptError, "READONLY ..." -> ReadOnlyError, as redis-py maps them
 _error_of: Callable[[str], Exception] = BaseParser.parse_error
 
+# The text of every script a client registered, by SHA1: a restarted or flushed server
+# answers NOSCRIPT to EVALSHA, and the command is sent again as EVAL (which caches the script).
+_SCRIPTS: dict[str, str] = {}
+
+
+def _noscript_retry(reply: Exception, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The EVAL to send instead of an EVALSHA the server did not know, if the script is."""
+    if args[0] == "EVALSHA" and str(reply.args[0]).startswith("NOSCRIPT"):
+        script = _SCRIPTS.get(args[1])
+        if script is not None:
+            return ("EVAL", script, *args[2:])
+    return None
+
 
 class _Channel(asyncio.Protocol):
     """One connection: commands are queued in order, written once per loop turn, and each
@@ -72,7 +85,9 @@ class _Channel(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: _Endpoint, timeout: float):
         self.loop, self.endpoint, self.timeout = loop, endpoint, timeout
         self.transport: asyncio.Transport | None = None
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # each command's future, and the command (sent again as EVAL on NOSCRIPT)
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], tuple[Any, ...]]]
+        self.waiting = collections.deque()
         self.outgoing: list[bytes] = []
         self.reader = _reader()
         self.closed = False
@@ -106,10 +121,14 @@ class _Channel(asyncio.Protocol):
         except OSError as exc:
             self.fail(redis.exceptions.ConnectionError(f"Error connecting to {where}: {exc}"))
 
-    def send(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def send(
+        self, args: tuple[Any, ...], future: asyncio.Future[Any] | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue one command; its reply resolves the returned future (``future`` if given)."""
         if self.closed:
             raise redis.exceptions.ConnectionError("Connection closed by server.")
-        future = self.loop.create_future()
+        if future is None:
+            future = self.loop.create_future()
         if not self.outgoing and self.transport is not None:
             self.loop.call_soon(self._flush)
         self.outgoing.append(_pack(args))
@@ -117,7 +136,7 @@ class _Channel(asyncio.Protocol):
             self.progress_at = self.loop.time()
             if self.watchdog is None:
                 self.watchdog = self.loop.call_at(self.progress_at + self.timeout, self._watch)
-        self.waiting.append(future)
+        self.waiting.append((future, args))
         return future
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -139,13 +158,15 @@ class _Channel(asyncio.Protocol):
             while (reply := reader.gets()) is not False:
                 if not waiting:
                     raise redis.exceptions.InvalidResponse("a reply nobody asked for")
-                future = waiting.popleft()
+                future, args = waiting.popleft()
                 if future.done():  # its caller was cancelled
                     continue
-                if isinstance(reply, redis.exceptions.ResponseError):  # NOSCRIPT, READONLY...
-                    future.set_exception(_error_of(reply.args[0]))
-                else:
+                if not isinstance(reply, redis.exceptions.ResponseError):
                     future.set_result(reply)
+                elif (script := _noscript_retry(reply, args)) is not None:
+                    self.send(script, future)  # the same future: its caller never knows
+                else:  # NOSCRIPT for an unknown script, READONLY...
+                    future.set_exception(_error_of(reply.args[0]))
         except (ValueError, redis.exceptions.InvalidResponse) as exc:
             self.fail(redis.exceptions.ConnectionError(f"Protocol error: {exc}"))
             return
@@ -176,7 +197,7 @@ class _Channel(asyncio.Protocol):
             if self.watchdog is not None:
                 self.watchdog.cancel()
         waiting, self.waiting = self.waiting, collections.deque()
-        for future in waiting:
+        for future, _ in waiting:
             if not future.done():
                 future.set_exception(error)
 
@@ -268,22 +289,24 @@ class PipelinedRedis(redis.asyncio.Redis):
 
 
 class _Script(AsyncScript):
-    """redis-py's ``Script`` without its per-call layers: EVALSHA, and on ``NOSCRIPT`` (a
-    restarted or flushed server) SCRIPT LOAD then EVALSHA again."""
+    """redis-py's ``Script`` without its per-call layers: calling it queues an EVALSHA and
+    returns the future of its reply (no coroutine per call); on ``NOSCRIPT`` (a restarted or
+    flushed server) the connection sends the script itself again (EVAL)."""
 
-    async def __call__(self, keys: Any = None, args: Any = None, client: Any = None) -> Any:
+    def __init__(self, registered_client: Any, script: Any) -> None:
+        super().__init__(registered_client, script)
+        script = self.script
+        _SCRIPTS[self.sha] = script if isinstance(script, str) else bytes(script).decode()
+
+    def __call__(self, keys: Any = None, args: Any = None, client: Any = None) -> Any:
         registered = cast(PipelinedRedis, self.registered_client)
         if client is not None and client is not registered:
-            return await super().__call__(keys, args, client)
+            return super().__call__(keys, args, client)
         keys, args = keys or (), args or ()
         channel = registered._pipes.get(asyncio.get_running_loop())
         if channel is None or channel.closed:
             channel = registered._attach()
-        try:  # straight to the connection: EVALSHA has no reply callback
-            return await channel.send(("EVALSHA", self.sha, len(keys), *keys, *args))
-        except redis.exceptions.NoScriptError:
-            self.sha = await registered.script_load(self.script)
-            return await registered.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        return channel.send(("EVALSHA", self.sha, len(keys), *keys, *args))
 
 
 def pipelined_client(url: str, *, timeout: float) -> PipelinedRedis | None:
