@@ -254,6 +254,12 @@ def test_clients_leaving_1000_streams_at_random_points(fake_llm: FakeLLM, gatewa
 
     # Nothing left behind in the gateway process.
     wait_until(lambda: gateway.stats()["tasks"] == before["tasks"], 5, "tasks back to baseline")
+
+    def client_side_left() -> list[Any]:  # a client's close reaches the server a moment later
+        return [c for c in gateway.sockets() if c.status == "CLOSE_WAIT"
+                or (c.laddr.port == gateway.port and c.status != "LISTEN")]  # fmt: skip
+
+    wait_until(lambda: not client_side_left(), 5, "client connections closed by the gateway")
     sockets = gateway.sockets()
     leftover = [c for c in sockets if c.laddr.port == gateway.port and c.status != "LISTEN"]
     assert leftover == [], leftover
