@@ -123,7 +123,7 @@ def build() -> dict[str, Callable[[int], object]]:
 
     cases: dict[str, Callable[[int], object]] = {
         "request": lambda i: loop.run_until_complete(one(i)),
-        "prepare": lambda i: relay.guard.prepare(body, endpoint, choice, route),
+        "prepare": lambda i: relay.guard.prepare(body, endpoint, choice, route, price),
         "estimate": lambda i: estimator.prompt_tokens(body, endpoint),
         "cost cap": lambda i: apply_cost_cap(
             body, endpoint, price, cap, "clamp", 18, 4096, route=ALIAS, version="gpt-v1"

@@ -453,7 +453,9 @@ class Relay:
         exchange.body = body
         if route is None:
             route = self._snapshot.routes[choice.route].route
-        exchange.admission = self.guard.prepare(body, endpoint, choice, route, in_app)
+        exchange.admission = self.guard.prepare(
+            body, endpoint, choice, route, self._price(choice), in_app
+        )
         stream = body.get("stream") is True  # protocols.is_stream, inlined
         exchange.stream = stream
         drop = protocols.request_stream_usage(body, endpoint) if stream else False

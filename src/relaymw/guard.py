@@ -19,7 +19,7 @@ import attrs
 
 from relaymw.budgets import BudgetLedger, BudgetScopes, Reservation
 from relaymw.config import Price, RelayConfig, Route, Version
-from relaymw.cost import apply_cost_cap, effective_cap, price_for
+from relaymw.cost import apply_cost_cap, effective_cap
 from relaymw.limiting import RateLimiter
 from relaymw.protocols import Endpoint
 from relaymw.snapshot import KeyFunction, RequestView, VersionChoice
@@ -29,7 +29,6 @@ __all__ = ["DEFAULT_MAX_OUTPUT", "Admission", "Guard"]
 
 # The output a worst case assumes when neither the client nor the version limits it.
 DEFAULT_MAX_OUTPUT = 4096
-_UNKNOWN: Any = object()
 
 
 class Admission:
@@ -110,7 +109,6 @@ class Guard:
                 self.retired.append(previous.ledger)
         # In-app calls were counted against request limits when the page request came in.
         self._token_only: dict[tuple[str, str], tuple[Route, Version]] = {}
-        self._prices: dict[str, Price | None] = {}  # by version tag
 
     def prepare(
         self,
@@ -118,9 +116,11 @@ class Guard:
         endpoint: Endpoint,
         choice: VersionChoice,
         route: Route,
+        price: Price | None,
         in_app: bool = False,
     ) -> Admission | None:
-        """The cost cap, applied to ``body`` in place; None when nothing guards this call."""
+        """The cost cap, applied to ``body`` in place; None when nothing guards this call.
+        ``price`` is the chosen version's (the engine keeps it per configuration and tag)."""
         version = choice.version
         cap = effective_cap(route, version)
         limited = bool(
@@ -130,11 +130,6 @@ class Guard:
             return None
         if in_app and limited:
             route, version = self._without_request_limits(route, version)
-        price = self._prices.get(choice.version_tag, _UNKNOWN)
-        if price is _UNKNOWN:  # a tag names one version and upstream in this configuration
-            price = self._prices[choice.version_tag] = price_for(
-                version.upstream_model(choice.upstream), self.config.pricing
-            )
         prompt = self.estimator.prompt_tokens(body, endpoint)
         admission = Admission(route, version, price, prompt)
         outcome = apply_cost_cap(
