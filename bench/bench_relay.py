@@ -51,10 +51,11 @@ from common import (  # noqa: E402
     fmt,
     measure,
     parse_run_args,
+    plan_cells,
     ratio,
+    run_benchmark,
     run_notes,
     run_options,
-    sigterm_as_exit,
     summarize,
 )
 from machine import LOAD_CPU, SERVER_CPU, can_pin, machine_line  # noqa: E402
@@ -200,13 +201,7 @@ def benchmark(args: argparse.Namespace) -> bool:
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     pinned = can_pin() and not args.no_pin
 
-    cells: list[Cell] = [
-        (t.name, mode, c)
-        for t in targets
-        for mode in t.modes
-        if mode in modes or t.passthrough
-        for c in levels
-    ]
+    cells = plan_cells(targets, modes, levels)
     command = " ".join(["python bench/bench_relay.py", *command_options(args)])
     print(f"relaymw gateway benchmark: {machine_line()}")
     print(
@@ -307,12 +302,7 @@ Set-Cookie); `passthrough-*` = a Starlette `POST /echo` app alone / wrapped in R
 
 def main() -> None:
     args = parse_args(sys.argv[1:])
-    try:
-        with sigterm_as_exit():
-            benchmark(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted (all benchmark processes stopped)")
-        raise SystemExit(130) from None
+    run_benchmark(lambda: benchmark(args))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ A *cell* (target, mode, concurrency) gets fresh connections, a warm-up, then a m
 window; :func:`measure` runs every cell ``reps`` times, shuffled in each repetition, and
 re-runs a cell during which other processes took one of our CPUs. ``bench_relay.py``,
 ``bench_sidebyside.py`` and ``soak.py`` are built on it; ``bench/machine.py`` reads the
-machine.
+machine. The ``*_instructions.py`` scripts count instructions with
+:func:`callgrind_instructions` instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import select
 import signal
 import socket
@@ -526,6 +528,32 @@ def remove_keys(storage: str, prefix: str) -> None:
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+# --------------------------------------------------------------------------- callgrind
+
+
+def callgrind_instructions(argv: Sequence[str]) -> int:
+    """Instructions callgrind counts for ``python argv...`` (this interpreter), start-up
+    included: callers run a case at two counts and divide the difference.
+
+    ``PYTHONHASHSEED=0`` because set and dict orders (and so the work done) would otherwise
+    change from run to run."""
+    proc = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+        check=False,
+    )
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(
+            f"callgrind of {' '.join(argv)}: exit status {proc.returncode}, "
+            f"{'no instruction count' if found is None else 'the script failed'}; "
+            f"stderr ends:\n{proc.stderr[-2000:]}"
+        )
+    return int(found.group(1))
 
 
 # --------------------------------------------------------------------------- command line

@@ -26,9 +26,6 @@ instructions by the difference in calls, so start-up and set-up cancel out::
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import subprocess
 import sys
 from collections.abc import Callable
 from decimal import Decimal
@@ -38,6 +35,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+
+from common import callgrind_instructions  # noqa: E402
 
 RUNS = (500, 2_500)
 WARMUP = 300
@@ -145,14 +144,7 @@ def run_case(name: str, calls: int) -> None:
 
 
 def instructions(name: str, calls: int) -> int:
-    proc = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-         sys.executable, __file__, name, str(calls)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, check=True,
-    )  # fmt: skip
-    found = re.search(r"Collected : (\d+)", proc.stderr)
-    assert found, proc.stderr[-2000:]
-    return int(found.group(1))
+    return callgrind_instructions([__file__, name, str(calls)])
 
 
 def main(names: list[str]) -> None:

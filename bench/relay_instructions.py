@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import re
 import socket
 import subprocess
 import sys
@@ -40,7 +38,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import machine  # noqa: E402
-from common import CLIENT_KEY, USERS, chat_body, free_port  # noqa: E402
+from common import CLIENT_KEY, USERS, callgrind_instructions, chat_body, free_port  # noqa: E402
 
 RUNS = (400, 1_600)
 WARMUP = 300
@@ -164,30 +162,9 @@ def run_case(name: str, mode: str, requests: int, upstream: str, concurrency: in
 
 
 def instructions(name: str, mode: str, requests: int, upstream: str, concurrency: int) -> int:
-    proc = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            __file__,
-            name,
-            mode,
-            str(requests),
-            "--upstream",
-            upstream,
-            "-c",
-            str(concurrency),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-        check=True,
+    return callgrind_instructions(
+        [__file__, name, mode, str(requests), "--upstream", upstream, "-c", str(concurrency)]
     )
-    found = re.search(r"Collected : (\d+)", proc.stderr)
-    if found is None:
-        raise RuntimeError(proc.stderr[-2000:])
-    return int(found.group(1))
 
 
 @contextlib.contextmanager

@@ -14,14 +14,16 @@ table (it needs valgrind on PATH and takes a few minutes).
 from __future__ import annotations
 
 import importlib.util
-import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from common import callgrind_instructions  # noqa: E402
+
 RUNS = (1_000, 3_000)
 
 
@@ -50,26 +52,8 @@ def run_case(label: str, group: str, calls: int, call: bool = True) -> None:
 
 
 def instructions(label: str, group: str, calls: int, call: bool = True) -> int:
-    proc = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            __file__,
-            label,
-            group,
-            str(calls),
-            *([] if call else ["--prepare-only"]),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-        check=True,
-    )
-    found = re.search(r"Collected : (\d+)", proc.stderr)
-    assert found, proc.stderr[-2000:]
-    return int(found.group(1))
+    prepare_only = [] if call else ["--prepare-only"]
+    return callgrind_instructions([__file__, label, group, str(calls), *prepare_only])
 
 
 def main() -> None:

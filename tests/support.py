@@ -1,6 +1,6 @@
 """Test support: real servers on 127.0.0.1 (uvicorn for ASGI, waitress for WSGI), a
 ``redis-server`` and a document server of the test's own, configuration documents pointed at a
-FakeLLM, and signal recorders."""
+FakeLLM, signal recorders, and a worker forked from a process that follows a store."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+import relaymw
 from relaymw.testing import serve_asgi
+
+# The tree relaymw is imported from, for the PYTHONPATH of the processes tests start.
+SRC = str(Path(relaymw.__file__).resolve().parents[1])
 
 
 def free_port() -> int:
@@ -335,11 +340,53 @@ class DocumentServer:
         self.stop()
 
 
+# --- a worker forked after the store is followed --------------------------------------------
+
+FORKED_WORKER = """
+import os, sys, time
+{setup}
+first = relay.snapshot.revision
+pid = os.fork()  # as gunicorn --preload forks its workers
+if pid == 0:
+    print("ready", flush=True)
+    deadline = time.monotonic() + 3
+    while relay.snapshot.revision == first and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os._exit(0 if relay.snapshot.revision != first else 1)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+relay.close()
+"""
+
+
+def forked_worker(tmp_path: Path, setup: str, source: str, change: Callable[[], object]) -> str:
+    """Runs a process whose ``setup`` lines make ``relay`` follow the store at ``sys.argv[1]``
+    (``source``), then fork; calls ``change()`` once the child is up and returns the parent's
+    output: ``child exit 0`` when the child saw the change within 3 s, ``child exit 1`` when
+    what follows the store did not survive the fork."""
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED_WORKER.replace("{setup}", setup))
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), source], stdout=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        change()
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+    return out
+
+
 __all__ = [
     "REDIS_PASSWORD",
+    "SRC",
     "DocumentServer",
     "Recorder",
     "RedisServer",
+    "forked_worker",
     "free_port",
     "not_found",
     "recording",

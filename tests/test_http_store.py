@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +17,6 @@ import httpx
 import pytest
 import tomli_w
 
-import relaymw
 from relaymw import Relay, RelayMiddleware, signals
 from relaymw.errors import StoreError, StoreReadOnlyError
 from relaymw.stores import RawDocument, open_store
@@ -28,6 +24,7 @@ from relaymw.stores.http import AUTH_ENV, HttpStore, safe_url
 from relaymw.testing import FakeLLM
 from tests.support import (
     DocumentServer,
+    forked_worker,
     free_port,
     not_found,
     recording,
@@ -204,39 +201,17 @@ def test_relay_keeps_serving_through_failures(
 
 
 FORKED = """
-import os, sys, time
 from relaymw import Relay
 from relaymw.stores.http import HttpStore
 
 relay = Relay(store=HttpStore(sys.argv[1], poll_interval=0.05))  # polling starts in the parent
-first = relay.snapshot.revision
-pid = os.fork()  # as gunicorn --preload forks its workers
-if pid == 0:
-    print("ready", flush=True)
-    deadline = time.monotonic() + 3
-    while relay.snapshot.revision == first and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os._exit(0 if relay.snapshot.revision != first else 1)
-_, status = os.waitpid(pid, 0)
-print("child exit", os.waitstatus_to_exitcode(status), flush=True)
-relay.close()
 """
 
 
 def test_a_forked_worker_keeps_polling(
     docs: DocumentServer, fake_llm: FakeLLM, tmp_path: Path
 ) -> None:
-    script = tmp_path / "forked.py"
-    script.write_text(FORKED)
-    env = {**os.environ, "PYTHONPATH": str(Path(relaymw.__file__).resolve().parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), docs.url], stdout=subprocess.PIPE, env=env, text=True
+    out = forked_worker(
+        tmp_path, FORKED, docs.url, lambda: docs.publish(doc(fake_llm.base_url, 0, 100))
     )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        docs.publish(doc(fake_llm.base_url, 0, 100))
-        out, _ = proc.communicate(timeout=10)
-        assert "child exit 0" in out, out
-    finally:
-        proc.kill()
-        proc.wait()
+    assert "child exit 0" in out, out

@@ -25,7 +25,6 @@ import httpx
 import pytest
 import redis
 
-import relaymw.stores.redis  # registers redis:// and rediss://
 from relaymw import Relay, RelayMiddleware, signals
 from relaymw.errors import StoreConflictError, StoreError
 from relaymw.stores import RawDocument, open_store
@@ -33,7 +32,9 @@ from relaymw.stores.file import dump_document
 from relaymw.stores.redis import RedisStore
 from relaymw.testing import FakeLLM
 from tests.support import (
+    SRC,
     RedisServer,
+    forked_worker,
     free_port,
     not_found,
     recording,
@@ -41,8 +42,6 @@ from tests.support import (
     serve_asgi,
     wait_until,
 )
-
-SRC = str(Path(relaymw.__file__).resolve().parents[1])
 
 
 def doc(fake_url: str, v1: float, v2: float, sticky: bool = True) -> dict[str, Any]:
@@ -493,22 +492,10 @@ def test_every_worker_follows_a_change_within_a_second(
 
 
 FORKED = """
-import os, sys, time
 import relaymw.stores.redis
 from relaymw import Relay
 
 relay = Relay.from_store(sys.argv[1])  # the watcher thread starts in the parent
-first = relay.snapshot.revision
-pid = os.fork()  # as gunicorn --preload forks its workers
-if pid == 0:
-    print("ready", flush=True)
-    deadline = time.monotonic() + 3
-    while relay.snapshot.revision == first and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os._exit(0 if relay.snapshot.revision != first else 1)
-_, status = os.waitpid(pid, 0)
-print("child exit", os.waitstatus_to_exitcode(status), flush=True)
-relay.close()
 """
 
 
@@ -516,17 +503,5 @@ def test_a_forked_worker_keeps_following(
     store: RedisStore, uri: str, fake_llm: FakeLLM, tmp_path: Path
 ) -> None:
     store.save(doc(fake_llm.base_url, 100, 0))
-    script = tmp_path / "forked.py"
-    script.write_text(FORKED)
-    env = {**os.environ, "PYTHONPATH": SRC}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), uri], stdout=subprocess.PIPE, env=env, text=True
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        store.save(doc(fake_llm.base_url, 0, 100))
-        out, _ = proc.communicate(timeout=10)
-        assert "child exit 0" in out, out
-    finally:
-        proc.kill()
-        proc.wait()
+    out = forked_worker(tmp_path, FORKED, uri, lambda: store.save(doc(fake_llm.base_url, 0, 100)))
+    assert "child exit 0" in out, out
