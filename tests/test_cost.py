@@ -19,8 +19,10 @@ from relaymw.cost import (
     apply_cost_cap,
     cost_of,
     cost_of_usage,
+    cost_pico,
     effective_cap,
     max_output_tokens,
+    pico_rates,
     price_for,
     set_max_output_tokens,
     worst_case_cost,
@@ -96,6 +98,41 @@ def test_cache_writes_cost_one_and_a_quarter_input() -> None:
     # 25*3 + 100*3.75 + 2000*0.30 + 15*15 = 75 + 375 + 600 + 225 = 1275 micro-dollars
     assert cost_of(sonnet, 2125, 15, 2000, 100) == D("0.001275")
     assert cost_of_usage(sonnet, Usage(2125, 15, 2000, 100)) == D("0.001275")
+
+
+def test_pico_rates_are_the_prices_per_token_in_pico_usd() -> None:
+    sonnet = DEFAULT_PRICING["claude-sonnet-4-5"]
+    # $3 / Mtok = 3_000_000 pico-USD a token; a cache write is 1.25 * that.
+    assert pico_rates(sonnet) == (3_000_000, 15_000_000, 300_000, 3_750_000)
+    assert pico_rates(Price(D("2.00"), D("8.00"))) == (2_000_000, 8_000_000, 2_000_000, 2_500_000)
+    assert pico_rates(None) is None
+    # Finer than a pico-USD a token (or its cache write): the Decimal path, no rates.
+    assert pico_rates(Price(D("0.0000001"), D("1"))) is None
+    assert pico_rates(Price(D("0.000001"), D("1"))) is None  # 1.25 pico a written token
+    assert pico_rates(Price(D("0.000004"), D("1"))) == (4, 1_000_000, 4, 5)
+    assert cost_pico((3_000_000, 15_000_000, 300_000, 3_750_000), Usage(2125, 15, 2000, 100)) == (
+        1_275_000_000
+    )
+
+
+@given(
+    prices=st.tuples(
+        *[st.decimals(0, 100, places=6)] * 2, st.none() | st.decimals(0, 100, places=6)
+    ),
+    usage=st.tuples(*[st.integers(0, 10**7)] * 4),
+)
+def test_cost_pico_is_cost_of_usage_exactly(
+    prices: tuple[Decimal, Decimal, Decimal | None], usage: tuple[int, int, int, int]
+) -> None:
+    price = Price(*prices)
+    prompt, completion, cached, written = usage
+    u = Usage(prompt + cached + written, completion, cached, written)
+    rates = pico_rates(price)
+    exact = cost_of_usage(price, u)
+    if rates is None:  # only a cache-write rate below a whole pico-USD
+        assert (price.input_per_mtok * 1_250_000) % 1 != 0
+        return
+    assert cost_pico(rates, u) == exact * 10**12
 
 
 def test_worst_case_cost() -> None:

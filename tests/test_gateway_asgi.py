@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,8 +14,11 @@ import pytest
 from fastapi import FastAPI, Request
 
 from relaymw import Relay, RelayMiddleware, current_version
+from relaymw.stores import RawDocument
 from relaymw.testing import FakeLLM
 from tests.support import UPSTREAM_KEY, Recorder, free_port, relay_document, serve_asgi
+
+SUFFIXES = ("/chat/completions", "/completions", "/embeddings", "/responses", "/messages")
 
 
 def make_app(relay: Relay) -> FastAPI:
@@ -336,3 +340,28 @@ def test_in_app_mode_chooses_before_the_handler_and_meters(server: str, finished
     assert {e["mode"] for e in events} == {"in_app"}
     assert {e["version"] for e in events} == {version}
     assert all(e["completion_tokens"] > 0 for e in events)
+
+
+def test_claimed_paths_follow_every_configuration(
+    relay: Relay, server: str, fake_llm: FakeLLM
+) -> None:
+    """Whether a path is relaymw's is one lookup in a dict the relay keeps current: a reload
+    that moves the in-app path and the gateway prefix takes effect on the next request."""
+    assert "x-relaymw-version" not in httpx.post(f"{server}/echo", json={}).headers
+    doc = relay_document(fake_llm.base_url, review_production={"paths": ["/echo"]})
+    doc["gateway"] = {"path_prefix": "/llm"}
+    raw = RawDocument(json.dumps(doc).encode(), "json", "moved", "test")
+    assert relay.apply_document(raw)
+    assert set(relay.claimed_paths) == {"/echo", *(f"/llm/v1{s}" for s in SUFFIXES)}
+    moved = httpx.post(f"{server}/echo", json={"x": 1})
+    assert moved.json() == {"body": '{"x":1}'}
+    assert moved.headers["x-relaymw-version"] in {"claude-v1", "claude-v2"}  # now in-app
+    # The old gateway path is the app's own again; the new one relays.
+    own = oai(server).chat.completions.create(model="chat-production", messages=[])
+    assert own.model_extra is not None and own.model_extra["served_by"] == "app"
+    relayed = httpx.post(
+        f"{server}/llm/v1/chat/completions",
+        json={"model": "chat-production", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert relayed.status_code == 200
+    assert relayed.headers["x-relaymw-version"] in {"gpt-v1", "gpt-v2"}

@@ -13,9 +13,14 @@ from hypothesis import strategies as st
 
 from relaymw import signals
 from relaymw.metrics import (
+    _THRESHOLDS,
     GAMMA,
+    MAX_MS,
+    MIN_MS,
+    N_BINS,
     MetricsRegistry,
     RedisMetricsPublisher,
+    bin_of,
     bin_value,
     is_version_error,
 )
@@ -212,6 +217,38 @@ def test_cost_and_cost_per_token_are_exact_decimals() -> None:
     d = m.as_dict()
     assert d["total_cost_usd"] == "0.016500420000" and isinstance(d["cost_per_token"], str)
     assert d["request_count"] == 3 and "E" not in d["cost_per_token"]
+
+
+def test_pico_and_decimal_costs_sum_exactly() -> None:
+    """The relay records whole pico-USD as ints, finer costs as Decimals: one exact sum."""
+    reg = MetricsRegistry()
+    reg.record_pico(("r", "v1"), 200, 5.0, None, 10, 5, 1_500_000_000, None, now=T0)
+    reg.record_pico(("r", "v1"), 200, 5.0, None, 1, 0, 7, None, Decimal("1E-13"), now=T0)
+    rec(reg, T0 + 1, cost=Decimal("0.00000000000045"))  # 0.45 pico-USD
+    m = reg.query("v1", T0, T0 + 10)
+    # 0.0015 + 7e-12 + 1e-13 + 4.5e-13 = 0.00150000000755, rounded to 1e-12 (not 0.001500000007)
+    assert m.total_cost_usd == Decimal("0.001500000008")
+    assert m.request_count == 3 and m.prompt_tokens == 11 and m.completion_tokens == 5
+
+
+def test_bins_by_thresholds_are_the_logarithm_to_the_last_ulp() -> None:
+    assert len(_THRESHOLDS) == N_BINS - 1
+    values = [0.0, -1.0, MIN_MS, MAX_MS, math.inf, math.nan, 1e300, 100.0, 0.1000000001]
+    for t in _THRESHOLDS:
+        values += [t, math.nextafter(t, 0.0), math.nextafter(t, math.inf)]
+    reg = MetricsRegistry()
+    for i, v in enumerate(values):
+        reg.record_pico(("r", f"v{i}"), 200, v, None, 0, 0, 0, None, now=T0)
+        m = reg.query(f"v{i}", T0, T0 + 10)
+        assert m.latency_p50_ms == bin_value(bin_of(v)), v
+
+
+@settings(max_examples=300)
+@given(st.floats(min_value=0.0, max_value=2 * MAX_MS))
+def test_recorded_bin_is_bin_of(v: float) -> None:
+    reg = MetricsRegistry()
+    reg.record_pico(("r", "v"), 200, 1.0, v, 0, 0, 0, None, now=T0)
+    assert reg.query("v", T0, T0 + 10).ttft_p50_ms == bin_value(bin_of(v))
 
 
 def test_record_signal_receives_request_finished() -> None:

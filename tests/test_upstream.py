@@ -425,3 +425,32 @@ async def test_pool_needs_running_loop_for_async() -> None:
     await asyncio.sleep(0)
     with pytest.raises(RuntimeError):
         await asyncio.to_thread(pool.get_async, "a", Upstream(base_url="http://127.0.0.1:1"))
+
+
+@pytest.mark.parametrize("impl", ["aiohttp", "httpx"])
+async def test_read_ready_takes_what_has_arrived_without_waiting(
+    impl: str, server: FakeUpstream
+) -> None:
+    upstream = Upstream(base_url=server.url, api_key=SECRET)
+    client = (
+        AiohttpUpstreamClient(upstream) if impl == "aiohttp" else HttpxAsyncUpstreamClient(upstream)
+    )
+    try:
+        sid = uuid.uuid4().hex
+        resp = await client.send("GET", f"{server.url}/sse?id={sid}&n=3&delay=0.3", {}, b"")
+        got = [await resp.read_chunk()]  # the first event, sent at once
+        assert resp.read_ready() is None  # the next is 0.3 s away: it would wait
+        await asyncio.sleep(1.5)  # the rest and the end arrive meanwhile
+        while (chunk := resp.read_ready()) is not None and chunk:
+            got.append(chunk)
+        if impl == "aiohttp":  # aiohttp tells what has arrived: all of it, then the end
+            assert chunk == b"" and resp.closed
+        else:  # httpx cannot tell: read_ready always says "wait" until the end
+            assert chunk is None and not resp.closed
+            while chunk := await resp.read_chunk():
+                got.append(chunk)
+            assert resp.closed and resp.read_ready() == b""
+        assert b"".join(got) == b"".join(f"data: {i}\n\n".encode() for i in range(3))
+        await resp.aclose()  # a no-op once closed
+    finally:
+        await client.aclose()

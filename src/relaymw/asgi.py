@@ -18,7 +18,6 @@ from relaymw.context import _current, _current_request
 from relaymw.engine import (
     PAGE_ERRORS,
     Exchange,
-    GatewayCall,
     Relay,
     invalid_body,
     is_event_stream,
@@ -42,6 +41,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _JSON = (b"content-type", b"application/json")
+_perf = time.perf_counter
 
 
 class ClientDisconnected(Exception):
@@ -60,19 +60,21 @@ class RelayMiddleware:
     ) -> None:
         self.app = app
         self.relay = Relay.given(relay, config)
+        self._paths = self.relay.claimed_paths  # the relay keeps it current
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            snapshot = self.relay.snapshot
-            path = scope["path"]
-            endpoint = snapshot.gateway.get(path)
-            if endpoint is not None and scope["method"] == "POST":
-                await self._gateway(scope, receive, send, snapshot, endpoint)
-                return
-            route = snapshot.in_app_paths.get(path)
-            if route is not None:
-                await self._in_app(scope, receive, send, snapshot, route)
-                return
+            if scope["path"] in self._paths:  # one lookup for every request not for us
+                snapshot = self.relay.snapshot
+                path = scope["path"]
+                endpoint = snapshot.gateway.get(path)
+                if endpoint is not None and scope["method"] == "POST":
+                    await self._gateway(scope, receive, send, snapshot, endpoint)
+                    return
+                route = snapshot.in_app_paths.get(path)
+                if route is not None:
+                    await self._in_app(scope, receive, send, snapshot, route)
+                    return
         elif scope["type"] == "lifespan":
             await self.app(scope, self._lifespan_receive(receive), send)
             return
@@ -149,125 +151,140 @@ class RelayMiddleware:
             exchange.done = True
             await self.app(scope, _replay(body, receive), send)
             return
-        await self._relay(call, receive, send)
-
-    async def _relay(self, call: GatewayCall, receive: Receive, send: Send) -> None:
-        exchange = call.exchange
-        client = self.relay.pool.get_async(call.choice.upstream_name, call.choice.upstream)
-        exchange.sent_at = time.perf_counter()
+        # The call upstream, here rather than in a method of its own: every suspension of the
+        # request passes through each coroutine frame, and this one is there anyway.
+        choice = call.choice
+        client = relay.pool.get_async(choice.upstream_name, choice.upstream)
+        exchange.sent_at = _perf()
         try:
-            response = await client.send("POST", call.url, call.headers, call.body)
+            response = await client.send("POST", exchange.url, exchange.headers, exchange.body)
         except UpstreamError as exc:
             rejected = upstream_rejection(exc)
-            self.relay.upstream_failed(call.choice, None, rejected.code)
-            await _send_rejection(send, call.endpoint, rejected, call.set_cookie)
+            relay.upstream_failed(choice, None, rejected.code)
+            await _send_rejection(send, endpoint, rejected, exchange.set_cookie)
             exchange.finish(rejected.status, error=rejected.code)
-            await self.relay.asettle(exchange)
+            await relay.asettle(exchange)
             return
-        exchange.headers_at = time.perf_counter()
+        exchange.headers_at = _perf()
         status = response.status
         usage: Usage | None = None
         error: str | None = None
         output = 0
         try:
-            headers = call.response_headers(response.raw_headers)
-            if call.stream and status == 200 and is_event_stream(headers):
-                usage, error, output = await self._stream(call, response, headers, receive, send)
+            headers = exchange.response_headers(response.raw_headers)
+            if exchange.stream and status == 200 and is_event_stream(headers):
+                adm = exchange.admission
+                # whole_events=False, bytes_per_token, output_limit, defer_count=True (by
+                # position: keywords would cost a dict per stream).
+                observer = StreamObserver(
+                    endpoint,
+                    exchange.drop_usage_chunk,
+                    False,
+                    BYTES_PER_TOKEN,
+                    adm.output_token_limit if adm is not None else None,
+                    True,
+                )
+                error = await _stream(exchange, observer, response, headers, receive, send)
+                usage = observer.usage
+                # Output tokens seen only when the upstream reported no usage: counting them
+                # costs, and the record needs them only to estimate it.
+                if usage is None:
+                    output = observer.output_tokens
                 if error == "upstream_truncated":
-                    self.relay.upstream_failed(call.choice, status, error)
+                    relay.upstream_failed(choice, status, error)
             else:
                 try:
                     data = await response.read()
                 except UpstreamError as exc:  # nothing sent yet: answer as for a failed call
                     rejected = upstream_rejection(exc)
                     status, error = rejected.status, rejected.code
-                    self.relay.upstream_failed(call.choice, None, error)
-                    await _send_rejection(send, call.endpoint, rejected, call.set_cookie)
+                    relay.upstream_failed(choice, None, error)
+                    await _send_rejection(send, endpoint, rejected, exchange.set_cookie)
                     return
                 if 200 <= status < 300:
-                    usage = usage_of_body(call.endpoint, data)
+                    usage = usage_of_body(endpoint, data)
                     if usage is None and (invalid := invalid_body(data)) is not None:
-                        self.relay.upstream_failed(call.choice, status, invalid.code)
+                        relay.upstream_failed(choice, status, invalid.code)
                         status, error = invalid.status, invalid.code
-                        await _send_rejection(send, call.endpoint, invalid, call.set_cookie)
+                        await _send_rejection(send, endpoint, invalid, exchange.set_cookie)
                         return
                     output = estimate_completion_tokens(data) if usage is None else 0
                 else:
-                    self.relay.upstream_failed(call.choice, status, "upstream_error")
+                    relay.upstream_failed(choice, status, "upstream_error")
                 headers.append((b"content-length", str(len(data)).encode()))
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": data})
         except UpstreamError as exc:  # a stream broke after it started
             error = upstream_rejection(exc).code
             status = 502 if isinstance(exc, UpstreamConnectionError) else 504
-            self.relay.upstream_failed(call.choice, None, error)
+            relay.upstream_failed(choice, None, error)
         except OSError:  # uvicorn raises ClientDisconnected (an OSError) on send
             error = "client_disconnected"
         finally:
-            await response.aclose()
+            if not response.closed:  # read to the end, it is: no coroutine to close it
+                await response.aclose()
             exchange.finish(status, usage, error, output)
             if exchange.admission is not None:  # nothing to settle otherwise
-                await self.relay.asettle(exchange)
+                await relay.asettle(exchange)
 
-    async def _stream(
-        self,
-        call: GatewayCall,
-        response: AsyncUpstreamResponse,
-        headers: list[tuple[bytes, bytes]],
-        receive: Receive,
-        send: Send,
-    ) -> tuple[Usage | None, str | None, int]:
-        """Pump SSE chunk by chunk; once the pump has to wait for the upstream, a watcher
-        closes the upstream stream as soon as the client disconnects.
 
-        Returns the usage, the error (None for a whole stream) and, when the upstream reported
-        no usage, the output tokens seen (to estimate it)."""
-        exchange = call.exchange
-        adm = exchange.admission
-        limit = adm.output_token_limit if adm is not None else None
-        # whole_events=False, bytes_per_token, output_limit=limit, defer_count=True (by
-        # position: keywords would cost a dict per stream).
-        observer = StreamObserver(
-            call.endpoint, call.drop_usage_chunk, False, BYTES_PER_TOKEN, limit, True
-        )
-        watch = _DisconnectWatch(receive, response)
-        read, on_wait = response.read_chunk, watch.start
+async def _stream(
+    exchange: Exchange,
+    observer: StreamObserver,
+    response: AsyncUpstreamResponse,
+    headers: list[tuple[bytes, bytes]],
+    receive: Receive,
+    send: Send,
+) -> str | None:
+    """Pump SSE chunk by chunk through ``observer``; once the pump has to wait for the
+    upstream, a watcher closes the upstream stream as soon as the client disconnects.
+
+    Returns the error: None for a whole stream (or one cut at the cost cap)."""
+    # Started only once the pump has to wait: a stream that has arrived whole (the usual
+    # short answer) is forwarded before a watcher could even run.
+    watch: _DisconnectWatch | None = None
+    ready, read = response.read_ready, response.read_chunk
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            try:
-                while chunk := await read(on_wait):
-                    if exchange.first_chunk_at is None:
-                        exchange.first_chunk_at = time.perf_counter()
-                    out = observer.feed(chunk)
-                    if out:
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
-                    if observer.limit_reached:
-                        # The cap paid for this much output: end the stream cleanly here.
-                        tail = observer.cut(
-                            call.choice.version.upstream_model(call.choice.upstream)
-                        )
-                        await send({"type": "http.response.body", "body": tail})
-                        self.relay.stream_cut(call.choice, exchange)
-                        return _outcome(observer, None)
-            except UpstreamError:
-                if watch.disconnected:
-                    return _outcome(observer, "client_disconnected")
-                await send({"type": "http.response.body", "body": observer.finish()})
-                raise
-            if watch.disconnected:
-                return _outcome(observer, "client_disconnected")
+            while True:
+                chunk = ready()  # no coroutine for what has already arrived
+                if chunk is None:
+                    if watch is None:
+                        watch = _DisconnectWatch(receive, response)
+                    chunk = await read(watch.start)
+                if not chunk:
+                    break
+                if exchange.first_chunk_at is None:
+                    exchange.first_chunk_at = _perf()
+                out = observer.feed(chunk)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if observer.limit_reached:
+                    # The cap paid for this much output: end the stream cleanly here.
+                    choice = exchange.choice
+                    assert choice is not None
+                    tail = observer.cut(choice.version.upstream_model(choice.upstream))
+                    await send({"type": "http.response.body", "body": tail})
+                    exchange.relay.stream_cut(choice, exchange)
+                    return None
+        except UpstreamError:
+            if watch is not None and watch.disconnected:
+                return "client_disconnected"
             await send({"type": "http.response.body", "body": observer.finish()})
-            return _outcome(observer, None if observer.done else "upstream_truncated")
-        finally:
+            raise
+        if watch is not None and watch.disconnected:
+            return "client_disconnected"
+        await send({"type": "http.response.body", "body": observer.finish()})
+        return None if observer.done else "upstream_truncated"
+    finally:
+        if watch is not None:
             watch.stop()
 
 
 class _DisconnectWatch:
     """Closes the upstream response as soon as the client disconnects (uvicorn drops the
-    sends after a disconnect, so the pump itself would never notice).
-
-    Started only once the pump has to wait for the upstream: a stream that has arrived whole
-    is forwarded before a watcher could even run."""
+    sends after a disconnect, so the pump itself would never notice)."""
 
     __slots__ = ("_receive", "_response", "_task", "disconnected")
 
@@ -299,13 +316,6 @@ class _DisconnectWatch:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-
-
-def _outcome(observer: StreamObserver, error: str | None) -> tuple[Usage | None, str | None, int]:
-    """A stream's usage and error, and the output tokens seen only when the upstream reported
-    no usage: counting them costs, and the record needs them only to estimate it."""
-    usage = observer.usage
-    return usage, error, observer.output_tokens if usage is None else 0
 
 
 def _request_view(scope: Scope, snapshot: Snapshot) -> RequestView:

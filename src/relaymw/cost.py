@@ -31,8 +31,10 @@ __all__ = [
     "apply_cost_cap",
     "cost_of",
     "cost_of_usage",
+    "cost_pico",
     "effective_cap",
     "max_output_tokens",
+    "pico_rates",
     "price_for",
     "set_max_output_tokens",
     "worst_case_cost",
@@ -109,6 +111,49 @@ def cost_of_usage(price: Price | None, usage: Usage) -> Decimal:
         usage.completion_tokens,
         usage.cached_tokens,
         usage.cache_creation_tokens,
+    )
+
+
+PICO_PER_USD = 10**12
+_PICO_PER_MTOK_USD = Decimal(1_000_000)  # USD per million tokens -> pico-USD per token
+
+# Per-token prices in whole pico-USD: (fresh input, output, cached input, cache write).
+PicoRates = tuple[int, int, int, int]
+
+
+def pico_rates(price: Price | None) -> PicoRates | None:
+    """``price`` per token in whole pico-USD, when every rate :func:`cost_of` uses is one (any
+    published price with at most 6 decimals per million tokens, 5 for the cache-write rate);
+    None otherwise, or without a price. With these, a cost is integer arithmetic, exactly
+    ``cost_of(...) * 10**12``."""
+    if price is None:
+        return None
+    cached = price.cached_input_per_mtok
+    if cached is None:
+        cached = price.input_per_mtok
+    rates = []
+    for rate in (
+        price.input_per_mtok,
+        price.output_per_mtok,
+        cached,
+        price.input_per_mtok * CACHE_WRITE_MULTIPLIER,
+    ):
+        pico = rate * _PICO_PER_MTOK_USD
+        if pico != pico.to_integral_value():
+            return None
+        rates.append(int(pico))
+    return rates[0], rates[1], rates[2], rates[3]
+
+
+def cost_pico(rates: PicoRates, usage: Usage) -> int:
+    """:func:`cost_of_usage` in pico-USD, from :func:`pico_rates`: exact, no ``Decimal``."""
+    fresh_rate, output_rate, cached_rate, write_rate = rates
+    cached, written = usage.cached_tokens, usage.cache_creation_tokens
+    return (
+        (usage.prompt_tokens - cached - written) * fresh_rate
+        + cached * cached_rate
+        + written * write_rate
+        + usage.completion_tokens * output_rate
     )
 
 

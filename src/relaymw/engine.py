@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 import orjson
@@ -29,7 +29,7 @@ from relaymw.config import (
     parse_document,
     unstructure_config,
 )
-from relaymw.cost import cost_of_usage, effective_cap, price_for
+from relaymw.cost import PicoRates, cost_of_usage, effective_cap
 from relaymw.errors import (
     ConfigError,
     RequestRejected,
@@ -71,30 +71,42 @@ log = logging.getLogger("relaymw")
 PAGE_ERRORS = Endpoint("openai", "chat", "/chat/completions")
 _perf = time.perf_counter
 _ZERO = Decimal(0)
-# (b"x-relaymw-version", tag) per version tag: the header pair every response carries. Tags
-# come from configurations only, so it grows with them, not with requests.
-_TAG_HEADERS: dict[str, tuple[bytes, bytes]] = {}
 
 
 class Exchange:
-    """One intercepted request. :meth:`finish` records it exactly once, however it ends."""
+    """One intercepted request and, once :meth:`Relay.build_call` has claimed it, the call
+    relaymw makes upstream for it (one object per request: the hot path allocates no other).
+    :meth:`finish` records it exactly once, however it ends."""
 
     __slots__ = (
+        "_cost",
         "admission",
         "body",
         "choice",
-        "cost",
         "done",
+        "drop_usage_chunk",
         "endpoint",
         "first_chunk_at",
+        "headers",
         "headers_at",
         "mode",
         "relay",
+        "request_body",
         "sent_at",
+        "set_cookie",
         "started",
         "stream",
+        "tariff",
+        "url",
         "usage",
     )
+
+    # The call, set by Relay.build_call (read only after it).
+    url: str
+    headers: dict[str, str]
+    body: bytes  # as sent upstream
+    drop_usage_chunk: bool
+    set_cookie: str | None
 
     def __init__(self, relay: Relay, mode: str, endpoint: Endpoint | None) -> None:
         self.relay = relay
@@ -108,9 +120,17 @@ class Exchange:
         self.first_chunk_at: float | None = None  # first streamed body chunk: time to first token
         self.done = False
         self.admission: Admission | None = None
-        self.body: dict[str, Any] | None = None  # as sent upstream, for a usage estimate
+        self.request_body: dict[str, Any] | None = None  # as sent upstream, for a usage estimate
         self.usage: Usage | None = None
-        self.cost = _ZERO
+        # The chosen version's price, and its per-token rates in whole pico-USD (None when
+        # not whole): set with the choice.
+        self.tariff: tuple[Price | None, PicoRates | None] = _NO_TARIFF
+        self._cost: Decimal | None = None
+
+    @property
+    def exchange(self) -> Exchange:
+        """The exchange of this call: itself (the call and its record are one object)."""
+        return self
 
     def mark_first_chunk(self) -> None:
         if self.first_chunk_at is None:
@@ -123,80 +143,140 @@ class Exchange:
         error: str | None = None,
         output_tokens: int = 0,
     ) -> None:
-        """Record the request once. ``output_tokens`` is what was seen of the output, used to
-        estimate usage when a successful upstream reported none."""
+        """Record the request once: its version's metrics and ``request_finished``.
+        ``output_tokens`` is what was seen of the output, used to estimate usage when a
+        successful upstream reported none."""
         if self.done:
             return
         self.done = True
-        if usage is None and self.choice is not None and 200 <= status < 300:
-            usage = self.relay._estimate_usage(self, output_tokens)
+        relay, choice = self.relay, self.choice
+        if usage is None and choice is not None and 200 <= status < 300:
+            usage = relay._estimate_usage(self, output_tokens)
         self.usage = usage
-        self.relay._record(self, status, usage, error)
+        latency_ms = (_perf() - self.started) * 1000
+        ttft_ms = None
+        if self.stream and self.first_chunk_at is not None:
+            ttft_ms = (self.first_chunk_at - self.started) * 1000
+        if error is None and status >= 500:
+            error = "upstream_error"
+        if choice is not None:
+            pico = 0
+            finer: Decimal | None = None  # a cost with a part below one pico-USD
+            if usage is not None:
+                price, rates = self.tariff
+                if rates is not None:  # cost.cost_pico, inlined
+                    cached, written = usage.cached_tokens, usage.cache_creation_tokens
+                    pico = (
+                        (usage.prompt_tokens - cached - written) * rates[0]
+                        + usage.completion_tokens * rates[1]
+                        + cached * rates[2]
+                        + written * rates[3]
+                    )
+                elif price is not None:
+                    finer = self.cost
+                relay._metrics.record_pico(
+                    choice.metrics_key,
+                    status,
+                    latency_ms,
+                    ttft_ms,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    pico,
+                    error,
+                    finer,
+                )
+            else:
+                relay._metrics.record_pico(
+                    choice.metrics_key, status, latency_ms, ttft_ms, 0, 0, 0, error
+                )
+        if not signals.request_finished.receivers:  # the common case: skip building the event
+            return
+        signals.send(
+            signals.request_finished,
+            relay,
+            route=choice.route if choice else None,
+            version=choice.version_tag if choice else None,
+            status=status,
+            latency_ms=latency_ms,
+            ttft_ms=ttft_ms,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            cost_usd=self.cost,
+            stream=self.stream,
+            error=error,
+            mode=self.mode,
+            protocol=self.endpoint.family if self.endpoint else None,
+            usage_estimated=usage.estimated if usage else False,
+            cached_tokens=usage.cached_tokens if usage else 0,
+        )
 
     @property
     def billed(self) -> bool:
         """Whether the upstream produced something that costs money."""
         return self.usage is not None
 
+    @property
+    def cost(self) -> Decimal:
+        """What the call cost, in USD: zero until it is recorded, or when nothing was billed.
 
-class GatewayCall:
-    """A gateway request ready to send upstream."""
-
-    __slots__ = (
-        "body",
-        "choice",
-        "drop_usage_chunk",
-        "endpoint",
-        "exchange",
-        "headers",
-        "set_cookie",
-        "stream",
-        "url",
-    )
-
-    def __init__(
-        self,
-        choice: VersionChoice,
-        endpoint: Endpoint,
-        url: str,
-        headers: dict[str, str],
-        body: bytes,
-        stream: bool,
-        drop_usage_chunk: bool,
-        set_cookie: str | None,
-        exchange: Exchange,
-    ) -> None:
-        self.choice = choice
-        self.endpoint = endpoint
-        self.url = url
-        self.headers = headers
-        self.body = body
-        self.stream = stream
-        self.drop_usage_chunk = drop_usage_chunk
-        self.set_cookie = set_cookie
-        self.exchange = exchange
+        Worked out when first asked (by a budget or a ``request_finished`` receiver): the
+        metrics count whole pico-USD without it."""
+        cost = self._cost
+        if cost is None:
+            usage = self.usage
+            if not self.done or usage is None or self.choice is None:
+                return _ZERO
+            cost = self._cost = cost_of_usage(self.tariff[0], usage)
+        return cost
 
     def response_headers(
         self, upstream_headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]]
     ) -> list[tuple[bytes, bytes]]:
         """Safe upstream headers (raw or decoded, names in any case) plus relaymw's own,
         computed when the response starts."""
-        ex = self.exchange
         now = _perf()
         # Time relaymw itself spent: before the upstream call and after its headers arrived.
-        overhead = (ex.sent_at - ex.started) + (now - (ex.headers_at or now))
+        overhead = (self.sent_at - self.started) + (now - (self.headers_at or now))
         out = protocols.response_headers(upstream_headers)
-        tag = self.choice.version_tag
-        raw = _TAG_HEADERS.get(tag)
-        if raw is None:
-            raw = _TAG_HEADERS[tag] = (b"x-relaymw-version", tag.encode())
-        out.append(raw)
-        if ex.admission is not None:
-            out += [(k.lower().encode(), v.encode()) for k, v in ex.admission.headers]
+        out.append(self.choice.version_header)  # type: ignore[union-attr]
+        adm = self.admission
+        if adm is not None and adm.headers:
+            out += [(k.lower().encode(), v.encode()) for k, v in adm.headers]
         out.append((b"x-relaymw-overhead-ms", b"%.3f" % (overhead * 1000)))
         if self.set_cookie:
             out.append((b"set-cookie", self.set_cookie.encode("latin-1")))
         return out
+
+
+class GatewayCall(Protocol):
+    """An :class:`Exchange` that :meth:`Relay.build_call` has claimed, as the adapters read
+    it: by then it has a choice and a call to make (the same object, typed for that)."""
+
+    @property
+    def choice(self) -> VersionChoice: ...
+    @property
+    def endpoint(self) -> Endpoint: ...
+    @property
+    def exchange(self) -> Exchange: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def headers(self) -> dict[str, str]: ...
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def stream(self) -> bool: ...
+    @property
+    def drop_usage_chunk(self) -> bool: ...
+    @property
+    def set_cookie(self) -> str | None: ...
+
+    def response_headers(
+        self, upstream_headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]]
+    ) -> list[tuple[bytes, bytes]]: ...
+
+
+_NO_TARIFF: tuple[Price | None, PicoRates | None] = (None, None)
 
 
 def default_config_path() -> str:
@@ -248,7 +328,10 @@ class Relay:
             with open(path, "rb") as f:
                 document = parse_document(f.read(), "toml")
             snapshot = Snapshot.compile(build_config(document), document, "", "embedded default")
-        self._snapshot = snapshot
+        # Every path a request may be claimed on (gateway and in-app), kept current on every
+        # swap: the adapters hold this very dict, so a request not for us costs one lookup.
+        self.claimed_paths: dict[str, bool] = {}
+        self._swap(snapshot)
         self.guard = Guard(snapshot.config, self, identity=identity)
         self._metrics = _metrics_registry(snapshot.config)
         # When each route's weights last changed: baseline health tests count from there.
@@ -288,6 +371,18 @@ class Relay:
     def config(self) -> RelayConfig:
         return self._snapshot.config
 
+    def _swap(self, snapshot: Snapshot) -> None:
+        """Make ``snapshot`` current (the caller holds the lock, or nothing runs yet)."""
+        self._snapshot = snapshot
+        paths = self.claimed_paths
+        wanted = dict.fromkeys(snapshot.gateway, True)
+        wanted.update(dict.fromkeys(snapshot.in_app_paths, True))
+        # Updated in place, new paths first: a path in both configurations is never missing
+        # for a request reading the dict meanwhile (from another thread).
+        paths.update(wanted)
+        for path in [p for p in paths if p not in wanted]:
+            del paths[path]
+
     # --- configuration changes --------------------------------------------------------------
 
     def apply_document(self, raw: RawDocument, actor: str = "store") -> bool:
@@ -317,7 +412,7 @@ class Relay:
             # itself sets the ejected version to 0, so it stays out either way).
             changed = {alias for alias, _, _ in changes}
             ejected = {a: t for a, t in current.ejected.items() if a not in changed}
-            self._snapshot = Snapshot.compile(config, document, raw.revision, raw.source, ejected)
+            self._swap(Snapshot.compile(config, document, raw.revision, raw.source, ejected))
             guard = Guard(config, self, identity=self.identity, previous=self.guard)
             self.guard = guard
         for retired in guard.retired:
@@ -420,10 +515,14 @@ class Relay:
         Raises :class:`RequestRejected` for a request relaymw answers itself.
         """
         body = protocols.parse_body(raw_body)
-        found = snapshot.route_for_model(protocols.requested_model(body))
-        if found is None:
-            return None
-        route, pinned = found
+        model = protocols.requested_model(body)
+        route = snapshot.routes.get(model)  # route_for_model's usual case, inlined
+        pinned = None
+        if route is None:
+            found = snapshot.route_for_model(model)
+            if found is None:
+                return None
+            route, pinned = found
         choice, set_cookie = snapshot.choose(
             route, request, pinned_tag=pinned, sticky_key=self.sticky_key
         )
@@ -445,37 +544,37 @@ class Relay:
         in_app: bool = False,
     ) -> GatewayCall:
         """Rewrite a claimed request for the chosen version (``body`` is modified in place)
-        and apply its cost cap. Raises ``RequestRejected``."""
+        and apply its cost cap; ``exchange``, now holding the call, is returned. Raises
+        ``RequestRejected``."""
         exchange.choice = choice
-        if endpoint.family != choice.upstream.protocol:
-            protocols.check_family(endpoint, choice.upstream, choice.version_tag)
-        body = protocols.rewrite_request(body, endpoint, choice.version, choice.upstream)
-        exchange.body = body
+        upstream = choice.upstream
+        tariff = exchange.tariff = choice.tariff
+        if endpoint.family != upstream.protocol:
+            protocols.check_family(endpoint, upstream, choice.version_tag)
+        body = protocols.rewrite_request(body, endpoint, choice.version, upstream)
+        exchange.request_body = body
         if route is None:
             route = self._snapshot.routes[choice.route].route
-        exchange.admission = self.guard.prepare(
-            body, endpoint, choice, route, self._price(choice), in_app
-        )
+        exchange.admission = self.guard.prepare(body, endpoint, choice, route, tariff[0], in_app)
         stream = body.get("stream") is True  # protocols.is_stream, inlined
         exchange.stream = stream
-        drop = protocols.request_stream_usage(body, endpoint) if stream else False
+        exchange.drop_usage_chunk = (
+            protocols.request_stream_usage(body, endpoint) if stream else False
+        )
         try:
-            data = orjson.dumps(body)
+            exchange.body = orjson.dumps(body)
         except orjson.JSONEncodeError:  # orjson writes at most 254 levels; it reads 1024
             raise RequestRejected(
                 400, "invalid_request", "the request body nests too deeply to be relayed"
             ) from None
-        return GatewayCall(
-            choice,
-            endpoint,
-            protocols.upstream_url(choice.upstream, endpoint),
-            protocols.upstream_headers(choice.upstream, client_headers.items()),
-            data,
-            stream,
-            drop,
-            set_cookie,
-            exchange,
-        )
+        urls = choice.urls
+        url = urls.get(endpoint.suffix)
+        if url is None:
+            url = urls[endpoint.suffix] = protocols.upstream_url(upstream, endpoint)
+        exchange.url = url
+        exchange.headers = protocols.upstream_headers(upstream, client_headers.items())
+        exchange.set_cookie = set_cookie
+        return exchange  # type: ignore[return-value]  # now with a choice: a GatewayCall
 
     def choose_in_app(
         self, snapshot: Snapshot, route: CompiledRoute, request: RequestView
@@ -484,24 +583,9 @@ class Relay:
         self._selected(choice, "in_app")
         return choice, cookie
 
-    # The price of each version tag, for the configuration it was looked up in.
-    _prices: tuple[RelayConfig | None, dict[str, Price | None]] = (None, {})
-
-    def _price(self, choice: VersionChoice) -> Price | None:
-        config = self._snapshot.config
-        known = self._prices
-        if known[0] is not config:  # another configuration: other models or prices
-            known = self._prices = (config, {})
-        tag = choice.version_tag
-        if tag in known[1]:
-            return known[1][tag]
-        price = price_for(choice.version.upstream_model(choice.upstream), config.pricing)
-        known[1][tag] = price
-        return price
-
     def _estimate_usage(self, exchange: Exchange, output_tokens: int) -> Usage:
         """Usage for an upstream that reported none; the record says it is estimated."""
-        adm, body, endpoint = exchange.admission, exchange.body, exchange.endpoint
+        adm, body, endpoint = exchange.admission, exchange.request_body, exchange.endpoint
         if adm is not None:
             prompt = adm.prompt_tokens
         elif body is not None and endpoint is not None:
@@ -556,58 +640,6 @@ class Relay:
             version=choice.version_tag,
             reason=choice.reason,
             mode=mode,
-        )
-
-    def _record(
-        self, exchange: Exchange, status: int, usage: Usage | None, error: str | None
-    ) -> None:
-        choice = exchange.choice
-        latency_ms = (_perf() - exchange.started) * 1000
-        ttft_ms = None
-        if exchange.stream and exchange.first_chunk_at is not None:
-            ttft_ms = (exchange.first_chunk_at - exchange.started) * 1000
-        prompt = usage.prompt_tokens if usage else 0
-        completion = usage.completion_tokens if usage else 0
-        cached = usage.cached_tokens if usage else 0
-        cost = _ZERO
-        if choice is not None and usage is not None:
-            adm = exchange.admission
-            price = adm.price if adm is not None else self._price(choice)
-            cost = cost_of_usage(price, usage)
-        exchange.cost = cost
-        if error is None and status >= 500:
-            error = "upstream_error"
-        if choice is not None:
-            self._metrics.record(
-                choice.route,
-                choice.version_tag,
-                status,
-                latency_ms,
-                ttft_ms,
-                prompt,
-                completion,
-                cost,
-                error,
-            )
-        if not signals.request_finished.receivers:  # the common case: skip building the event
-            return
-        signals.send(
-            signals.request_finished,
-            self,
-            route=choice.route if choice else None,
-            version=choice.version_tag if choice else None,
-            status=status,
-            latency_ms=latency_ms,
-            ttft_ms=ttft_ms,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cost_usd=cost,
-            stream=exchange.stream,
-            error=error,
-            mode=exchange.mode,
-            protocol=exchange.endpoint.family if exchange.endpoint else None,
-            usage_estimated=usage.estimated if usage else False,
-            cached_tokens=cached,
         )
 
     # --- metrics and health -----------------------------------------------------------------
@@ -668,8 +700,8 @@ class Relay:
         with self._lock:
             snap = self._snapshot
             ejected = {**snap.ejected, alias: snap.ejected.get(alias, frozenset()) | {tag}}
-            self._snapshot = Snapshot.compile(
-                snap.config, snap.document, snap.revision, snap.source, ejected
+            self._swap(
+                Snapshot.compile(snap.config, snap.document, snap.revision, snap.source, ejected)
             )
         log.warning("relaymw: ejected %s from %s (%s): %s", tag, alias, reason, evidence)
         signals.send(

@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from bisect import bisect_right as _bisect
 from collections.abc import Callable
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
@@ -63,7 +64,32 @@ N_BINS = int(math.log(MAX_MS / MIN_MS) / math.log(GAMMA)) + 1  # latency bins; T
 _LAST = N_BINS - 1
 _INV_MIN = 1.0 / MIN_MS
 _INV_LG = 1.0 / math.log(GAMMA)
-_log = math.log
+
+
+def bin_of(v: float) -> int:
+    """The histogram bin of a value (ms): ``floor(log(v / MIN_MS) / log(GAMMA))``, as
+    computed in floating point, 0 below ``MIN_MS`` and the last bin from ``MAX_MS`` on."""
+    if not v > MIN_MS:  # NaN too
+        return 0
+    return int(math.log(v * _INV_MIN) * _INV_LG) if v < MAX_MS else _LAST
+
+
+def _thresholds() -> tuple[float, ...]:
+    """For bins 1 .. _LAST, the smallest float that :func:`bin_of` puts in that bin or above
+    (it never decreases): ``bisect_right`` on these is :func:`bin_of` to the last ulp, at
+    about half the cost of a logarithm and a float-to-int conversion."""
+    out = []
+    for i in range(1, N_BINS):
+        v = MIN_MS * GAMMA**i
+        while bin_of(v) >= i:
+            v = math.nextafter(v, 0.0)
+        while bin_of(v) < i:
+            v = math.nextafter(v, math.inf)
+        out.append(v)
+    return tuple(out)
+
+
+_THRESHOLDS = _thresholds()
 _ZERO = Decimal(0)
 _PICO = Decimal(10) ** 12
 
@@ -101,7 +127,7 @@ _ACC = 2 * N_BINS + 5  # a sum of fields is a list: the negative keys index its 
 
 
 class _Bucket:
-    __slots__ = ("cost", "ct", "err", "h", "idx", "n", "pt")
+    __slots__ = ("ct", "err", "h", "idx", "n", "pico", "pt", "rest")
 
     def __init__(self) -> None:
         self.h: dict[int, int] = {}  # histogram bin -> count
@@ -110,13 +136,20 @@ class _Bucket:
     def reset(self, idx: int) -> None:
         self.idx = idx  # the bucket's number: it starts at idx * bucket_seconds
         self.n = self.err = self.pt = self.ct = 0
-        self.cost = _ZERO
+        # Cost: whole pico-USD as an int (the usual price makes every cost one), plus the sum
+        # of costs recorded as Decimal, rounded only when read: the sum stays exact.
+        self.pico = 0
+        self.rest: Decimal | None = None
         self.h.clear()
 
     def fields(self) -> dict[int, int]:
         out = dict(self.h)
         out[N], out[ERRORS], out[PROMPT], out[COMPLETION] = self.n, self.err, self.pt, self.ct
-        out[PICO_USD] = int((self.cost * _PICO).to_integral_value(ROUND_HALF_EVEN))
+        rest = self.rest
+        if rest is None:
+            out[PICO_USD] = self.pico
+        else:
+            out[PICO_USD] = int((rest * _PICO + self.pico).to_integral_value(ROUND_HALF_EVEN))
         return out
 
 
@@ -196,23 +229,52 @@ class MetricsRegistry:
         now: float | None = None,
     ) -> None:
         """Count one finished request; ``now`` (epoch seconds) defaults to the clock."""
+        self.record_pico(
+            (route, version),
+            status,
+            latency_ms,
+            ttft_ms,
+            prompt_tokens,
+            completion_tokens,
+            0,
+            error,
+            cost_usd if cost_usd else None,
+            now,
+        )
+
+    def record_pico(
+        self,
+        key: tuple[str, str],
+        status: int,
+        latency_ms: float,
+        ttft_ms: float | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        pico_usd: int,
+        error: str | None,
+        cost_usd: Decimal | None = None,
+        now: float | None = None,
+    ) -> None:
+        """:meth:`record` for the relay's hot path: ``key`` is ``(route, version)`` and the
+        cost is ``pico_usd`` (whole pico-USD) plus ``cost_usd`` (a Decimal, when the cost has
+        a part finer than that)."""
         if error is None:
             bad = status >= 500
         elif error in REFUSED:
             return
         else:
             bad = is_version_error(status, error)
-        v = latency_ms
-        lb = (int(_log(v * _INV_MIN) * _INV_LG) if v < MAX_MS else _LAST) if v > MIN_MS else 0
+        # bin_of(v), inlined: this runs for every request.
+        lb = _bisect(_THRESHOLDS, latency_ms) if latency_ms > MIN_MS else 0
         if ttft_ms is not None:
-            v = ttft_ms
-            tb = (int(_log(v * _INV_MIN) * _INV_LG) if v < MAX_MS else _LAST) if v > MIN_MS else 0
-            tb += N_BINS
+            tb = (_bisect(_THRESHOLDS, ttft_ms) if ttft_ms > MIN_MS else 0) + N_BINS
         idx = int((self.clock() if now is None else now) // self.bucket_seconds)
-        with self._lock:
-            ring = self._series.get((route, version))
+        lock = self._lock
+        lock.acquire()  # half the cost of "with"; try/finally costs nothing until it raises
+        try:
+            ring = self._series.get(key)
             if ring is None:
-                ring = self._series[(route, version)] = [_Bucket() for _ in range(self.slots)]
+                ring = self._series[key] = [_Bucket() for _ in range(self.slots)]
             b = ring[idx % self.slots]
             if b.idx != idx:
                 if b.idx > idx:
@@ -229,7 +291,11 @@ class MetricsRegistry:
                 h[tb] = h.get(tb, 0) + 1
             b.pt += prompt_tokens
             b.ct += completion_tokens
-            b.cost += cost_usd
+            b.pico += pico_usd
+            if cost_usd is not None:
+                b.rest = cost_usd if b.rest is None else b.rest + cost_usd
+        finally:
+            lock.release()
 
     def record_signal(self, sender: object, **event: Any) -> None:
         """A ``signals.request_finished`` receiver; events without a version are skipped."""

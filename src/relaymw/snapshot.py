@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import hmac
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import attrs
 
-from relaymw.config import RelayConfig, Route, Upstream, Version
+from relaymw.config import Price, RelayConfig, Route, Upstream, Version
+from relaymw.cost import PicoRates, pico_rates, price_for
 from relaymw.protocols import Endpoint, gateway_paths
-from relaymw.routing import CookieCodec, RouteTable, StickyCookie
+from relaymw.routing import BASIS_POINTS, CookieCodec, RouteTable, StickyCookie, _rng
 
 __all__ = [
     "CompiledRoute",
@@ -45,6 +47,26 @@ class VersionChoice:
     upstream_name: str
     upstream: Upstream = attrs.field(repr=False)
     reason: str  # "cookie" | "key" | "weight" | "pin"
+    # The version's price in this configuration, and its per-token rates in whole pico-USD
+    # (None when not whole): what the call's cost is worked out with.
+    tariff: tuple[Price | None, PicoRates | None] = attrs.field(
+        default=(None, None), repr=False, eq=False
+    )
+    # (route, version_tag): the metrics series of every request that took this choice.
+    metrics_key: tuple[str, str] = attrs.field(init=False, repr=False, eq=False)
+
+    # (b"x-relaymw-version", tag): the header pair of every response this choice answers.
+    version_header: tuple[bytes, bytes] = attrs.field(init=False, repr=False, eq=False)
+    # The upstream URL per endpoint suffix, filled as requests need them.
+    urls: dict[str, str] = attrs.field(init=False, repr=False, eq=False, factory=dict)
+
+    @metrics_key.default
+    def _metrics_key(self) -> tuple[str, str]:
+        return (self.route, self.version_tag)
+
+    @version_header.default
+    def _version_header(self) -> tuple[bytes, bytes]:
+        return (b"x-relaymw-version", self.version_tag.encode())
 
     def __str__(self) -> str:
         return self.version_tag
@@ -147,6 +169,8 @@ class CompiledRoute:
     sticky: StickyCookie | None = attrs.field(default=None, hash=False)
     # Lower-cased header name when the sticky key is ``header:NAME``: read directly.
     key_header: str | None = None
+    # The sticky key's spec otherwise (None without one).
+    key_spec: str | None = None
     # Choices by position in ``table.tags`` (weight, key) and by tag (cookie).
     by_weight: tuple[VersionChoice, ...] = ()
     by_key: tuple[VersionChoice, ...] = ()
@@ -195,9 +219,11 @@ class Snapshot:
             for rule in route.route_rules:
                 v = versions[rule.version_tag]
                 up = config.upstreams[v.upstream_endpoint]
+                price = price_for(v.upstream_model(up), config.pricing)
+                tariff = (price, pico_rates(price))
                 for reason in _REASONS:
                     choices[(v.version_tag, reason)] = VersionChoice(
-                        route.model_alias, v.version_tag, v, v.upstream_endpoint, up, reason
+                        route.model_alias, v.version_tag, v, v.upstream_endpoint, up, reason, tariff
                     )
             sticky = route.sticky_sessions
             key_kind, _, key_name = (sticky.key or "").partition(":")
@@ -213,6 +239,7 @@ class Snapshot:
                 if sticky.enabled
                 else None,
                 key_header=key_name.lower() if key_kind == "header" else None,
+                key_spec=sticky.key or None,
                 by_weight=tuple(choices[(tag, "weight")] for tag in tags),
                 by_key=tuple(choices[(tag, "key")] for tag in tags),
                 by_cookie={tag: choices[(tag, "cookie")] for tag in tags},
@@ -257,34 +284,40 @@ class Snapshot:
     ) -> tuple[VersionChoice, str | None]:
         """Choose a version: operator pin, then a valid sticky cookie, then the sticky key,
         then weight. Returns the choice and a ``Set-Cookie`` value when one must be set."""
-        # The hot path of every routed request: everything it reads was prebuilt per snapshot.
+        # The hot path of every routed request: everything it reads was prebuilt per snapshot,
+        # and the usual steps are inlined (a Python call costs more than most of them).
         if pinned_tag is None and self.config.pinning.token:
             pinned_tag = self._operator_pin(route, request)
         if pinned_tag is not None and pinned_tag in route.rule_tags:
             return route.choices[(pinned_tag, "pin")], None
         table = route.table
         cookie = route.sticky
-        if cookie is None:
-            return route.by_weight[table.pick_index()], None
+        if cookie is None:  # RouteTable.pick_index, inlined
+            return route.by_weight[
+                bisect_left(table.ends, int(_rng.random() * BASIS_POINTS) + 1)
+            ], None
         now = time.time() if now is None else now
-        raw = request.cookie(cookie.name)
-        if raw is not None:
-            tag = cookie.read(raw, now)
-            if tag is not None:
-                return route.by_cookie[tag], None
+        header = request._cookie_header
+        if header is None:
+            header = request._cookie_header = request.headers.get("cookie") or ""
+        if cookie.name in header:  # RequestView.cookie, which most requests need not run
+            raw = cookie_value(header, cookie.name)
+            if raw is not None:
+                tag = cookie.read(raw, now)
+                if tag is not None:
+                    return route.by_cookie[tag], None
         if route.key_header is not None:
             key = request.headers.get(route.key_header)
         else:
-            spec = route.route.sticky_sessions.key
+            spec = route.key_spec
             key = request.key(spec, sticky_key) if spec else None
         if key:
             index = table.key_index(key)
             choice = route.by_key[index]
         else:
-            index = table.pick_index()
+            index = bisect_left(table.ends, int(_rng.random() * BASIS_POINTS) + 1)
             choice = route.by_weight[index]
-        secure = request.scheme == "https"
-        return choice, cookie.header(table.tags[index], int(now), secure)
+        return choice, cookie.header(table.tags[index], int(now), request.scheme == "https")
 
     def _operator_pin(self, route: CompiledRoute, request: RequestView) -> str | None:
         pinning = self.config.pinning

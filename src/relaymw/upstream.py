@@ -45,9 +45,11 @@ __all__ = [
 
 
 class AsyncUpstreamResponse(Protocol):
-    """A response whose body has not been read yet. Always ``aclose()`` it."""
+    """A response whose body has not been read yet. Always ``aclose()`` it (a no-op once
+    ``closed``: its body was read to the end, or it was closed)."""
 
     status: int
+    closed: bool
 
     @property
     def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
@@ -65,6 +67,12 @@ class AsyncUpstreamResponse(Protocol):
 
         ``on_wait`` is called before a read that has to wait for the network, never when the
         data is already there (an implementation that cannot tell calls it every time)."""
+        ...
+
+    def read_ready(self) -> bytes | None:
+        """The next chunk of :meth:`read_chunk` when it is there without waiting (``b""`` at
+        the end); None when :meth:`read_chunk` would have to wait for it. A pump calls this
+        first: no coroutine for data that has arrived."""
         ...
 
     def aiter_chunks(self) -> AsyncIterator[bytes]:
@@ -166,13 +174,13 @@ class _ClientBase:
 class _ResponseBase:
     """Headers kept raw as received; decoded only if someone asks for :attr:`headers`."""
 
-    __slots__ = ("_closed", "_decoded", "raw_headers", "status")
+    __slots__ = ("_decoded", "closed", "raw_headers", "status")
 
     def __init__(self, status: int, raw_headers: Sequence[tuple[bytes, bytes]]) -> None:
         self.status = status
         self.raw_headers = raw_headers
         self._decoded: list[tuple[str, str]] | None = None
-        self._closed = False
+        self.closed = False
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -186,6 +194,9 @@ class _ResponseBase:
 
 class _AsyncResponseBase(_ResponseBase):
     __slots__ = ()
+
+    def read_ready(self) -> bytes | None:
+        raise NotImplementedError
 
     async def read_chunk(self, on_wait: Callable[[], object] | None = None) -> bytes:
         raise NotImplementedError
@@ -231,20 +242,34 @@ class _AiohttpResponse(_AsyncResponseBase):
         self.status = resp.status
         self.raw_headers = resp.raw_headers
         self._decoded = None
-        self._closed = False
+        self.closed = False
         self._owner = owner
         self._resp = resp
 
-    async def read_chunk(self, on_wait: Callable[[], object] | None = None) -> bytes:
-        if self._closed:
+    def read_ready(self) -> bytes | None:
+        if self.closed:
             return b""
         content = self._resp.content
         try:
             chunk = content.read_nowait()  # whatever has arrived, in one piece
-            if not chunk and not content.at_eof():
-                if on_wait is not None:
-                    on_wait()
-                chunk = await content.readany()
+        except _TRANSPORT_ERRORS as exc:
+            self._close()
+            raise self._owner._reading.error(exc) from exc
+        if chunk:
+            return chunk
+        if content.at_eof():
+            self._close()
+            return b""
+        return None
+
+    async def read_chunk(self, on_wait: Callable[[], object] | None = None) -> bytes:
+        chunk = self.read_ready()
+        if chunk is not None:
+            return chunk
+        if on_wait is not None:
+            on_wait()
+        try:
+            chunk = await self._resp.content.readany()
         except _TRANSPORT_ERRORS as exc:
             self._close()
             raise self._owner._reading.error(exc) from exc
@@ -263,9 +288,9 @@ class _AiohttpResponse(_AsyncResponseBase):
         self._close()
 
     def _close(self) -> None:  # nothing in it waits: no coroutine on the hot path
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         if self._resp.content.at_eof():
             self._resp.release()  # back to the pool
         else:
@@ -332,8 +357,12 @@ class _HttpxAsyncResponse(_AsyncResponseBase):
         self._resp = resp
         self._chunks: AsyncIterator[bytes] | None = None
 
+    def read_ready(self) -> bytes | None:
+        # httpx cannot tell whether the next chunk has arrived: always "wait".
+        return b"" if self.closed else None
+
     async def read_chunk(self, on_wait: Callable[[], object] | None = None) -> bytes:
-        if self._closed:
+        if self.closed:
             return b""
         if on_wait is not None:  # httpx cannot tell whether the next chunk has arrived
             on_wait()
@@ -359,8 +388,8 @@ class _HttpxAsyncResponse(_AsyncResponseBase):
             await self.aclose()
 
     async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
+        if not self.closed:
+            self.closed = True
             # httpcore pools the connection only if the body was read to the end.
             await self._resp.aclose()
             self._owner._release()
@@ -425,8 +454,8 @@ class _HttpxSyncResponse(_ResponseBase):
             self.close()
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
+        if not self.closed:
+            self.closed = True
             self._resp.close()
             self._owner._add_inflight(-1)
 

@@ -52,16 +52,18 @@ class RelayWSGIMiddleware:
     ) -> None:
         self.app = app
         self.relay = Relay.given(relay, config)
+        self._paths = self.relay.claimed_paths  # the relay keeps it current
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        snapshot = self.relay.snapshot
         path = environ.get("PATH_INFO", "")
-        endpoint = snapshot.gateway.get(path)
-        if endpoint is not None and environ.get("REQUEST_METHOD") == "POST":
-            return self._gateway(environ, start_response, snapshot, endpoint)
-        route = snapshot.in_app_paths.get(path)
-        if route is not None:
-            return self._in_app(environ, start_response, snapshot, route)
+        if path in self._paths:  # one lookup for every request not for us
+            snapshot = self.relay.snapshot
+            endpoint = snapshot.gateway.get(path)
+            if endpoint is not None and environ.get("REQUEST_METHOD") == "POST":
+                return self._gateway(environ, start_response, snapshot, endpoint)
+            route = snapshot.in_app_paths.get(path)
+            if route is not None:
+                return self._in_app(environ, start_response, snapshot, route)
         return self.app(environ, start_response)
 
     # --- in-app mode ------------------------------------------------------------------------
