@@ -314,6 +314,10 @@ class Relay:
         self.identity = identity
         self.pool = UpstreamPool(upstream_client)
         self._lock = threading.Lock()
+        # Held by a writer from its save until it has applied what it saved, and by the store's
+        # watcher while it applies: the watcher then finds that revision current and leaves it
+        # alone, so weights_changed names the writer (a health check, the API), not "store".
+        self._write_lock = threading.RLock()
         if store is not None:
             raw = store.load()
             document = parse_document(raw.data, raw.format)
@@ -434,7 +438,8 @@ class Relay:
         return True
 
     def _on_document(self, raw: RawDocument) -> None:
-        self.apply_document(raw)
+        with self._write_lock:
+            self.apply_document(raw)
 
     def _on_store_error(self, exc: Exception) -> None:
         store = self.store.describe() if self.store is not None else "store"
@@ -463,20 +468,21 @@ class Relay:
             before = parse_document(raw.data, raw.format)
             document = change(copy.deepcopy(before))
             build_config(document)  # raises ConfigError before anything is written
-            try:
-                revision = self.store.save(document, expected_revision=raw.revision)
-            except StoreConflictError:
-                continue
-            entries = changes_between(
-                before, document, actor=actor, action=action, revision=revision
-            )
-            for entry in entries:
+            with self._write_lock:
                 try:
-                    self.journal.append_change(entry)
-                except StoreError as exc:  # the change stands; say that its record is missing
-                    log.warning("relaymw: could not record a change in the change log: %s", exc)
-            # Read back rather than trust our copy: another writer may already have followed.
-            self.apply_document(self.store.load(), actor)
+                    revision = self.store.save(document, expected_revision=raw.revision)
+                except StoreConflictError:
+                    continue
+                entries = changes_between(
+                    before, document, actor=actor, action=action, revision=revision
+                )
+                for entry in entries:
+                    try:
+                        self.journal.append_change(entry)
+                    except StoreError as exc:  # the change stands; say its record is missing
+                        log.warning("relaymw: could not record a change in the change log: %s", exc)
+                # Read back rather than trust our copy: another writer may have followed.
+                self.apply_document(self.store.load(), actor)
             return self._snapshot
         raise StoreConflictError("the configuration kept changing while writing; try again")
 
