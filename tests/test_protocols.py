@@ -1523,3 +1523,147 @@ def test_usage_only_from_the_top_level_and_last_member(event: bytes) -> None:
     out, obs = run(CHAT, [b"data: " + event + b"\n\ndata: [DONE]\n\n"], drop=True)
     assert obs.usage is None
     assert b'"usage"' in out
+
+
+# --- the fast paths: per-object caches and the usual OpenAI stream end ---------------------------
+
+
+def test_upstream_headers_value_memo_keeps_answers_and_rejections() -> None:
+    for _ in range(2):  # the second call reads the memo
+        out = p.upstream_headers(OPENAI_UP, [(b"accept", b" text/event-stream\t")])
+        assert out["accept"] == "text/event-stream"
+        out = p.upstream_headers(OPENAI_UP, [("Accept", "*/*"), ("accept", "*/*")])
+        assert out["accept"] == "*/*,*/*"
+        with pytest.raises(RequestRejected) as info:
+            p.upstream_headers(OPENAI_UP, [(b"openai-beta", b"a\r\nx-evil: 1")])
+        assert info.value.status == 400 and "openai-beta" in info.value.message
+    # Past its bound the memo stops growing; answers stay the same.
+    for i in range(p._HEADER_TEXTS_MAX + 10):
+        assert (
+            p.upstream_headers(OPENAI_UP, [(b"openai-beta", b"b%d" % i)])["openai-beta"] == f"b{i}"
+        )
+    assert len(p._HEADER_TEXTS) <= p._HEADER_TEXTS_MAX
+
+
+def test_upstream_headers_follow_each_upstream_object() -> None:
+    import attrs
+
+    other = attrs.evolve(OPENAI_UP, api_key="sk-other")
+    keyless = attrs.evolve(OPENAI_UP, api_key="")
+    for _ in range(2):
+        assert p.upstream_headers(OPENAI_UP, [])["authorization"] == "Bearer sk-up"
+        assert p.upstream_headers(other, [])["authorization"] == "Bearer sk-other"
+        assert "authorization" not in p.upstream_headers(keyless, [])
+    # Many upstreams (config reloads) keep the cache bounded and the answers right.
+    ups = [attrs.evolve(OPENAI_UP, api_key=f"k{i}") for i in range(p._UPSTREAMS_MAX + 5)]
+    for i, up in enumerate(ups):
+        assert p.upstream_headers(up, [])["authorization"] == f"Bearer k{i}"
+    assert len(p._UPSTREAMS) <= p._UPSTREAMS_MAX
+
+
+def test_rewrite_plan_per_version_and_model_per_upstream() -> None:
+    v = version({"temperature": 0.3, "max_tokens": 50, "top_p": 0.9}, model="openai/gpt-x")
+    renamed = Upstream(base_url="http://local/v1", protocol="openai")
+    for _ in range(2):
+        assert rewrite({"model": "a", "max_tokens": 80}, CHAT, v) == {
+            "model": "gpt-x",
+            "max_tokens": 50,
+            "temperature": 0.3,
+            "top_p": 0.9,
+        }
+        assert rewrite({"model": "a", "input": "x"}, EMBEDDINGS, v) == {
+            "model": "gpt-x",
+            "input": "x",
+        }
+        # The same version sent to an upstream that does not strip the prefix.
+        other = Version("v1", "openai/gpt-x", "elsewhere", parameters={"seed": 1})
+        assert p.rewrite_request({}, CHAT, other, renamed)["model"] == "gpt-x"
+        anth = Version("v1", "openai/gpt-x", "elsewhere")
+        assert p.rewrite_request({}, MESSAGES, anth, ANTHROPIC_UP)["model"] == "openai/gpt-x"
+        assert p.rewrite_request({}, MESSAGES, anth, renamed)["model"] == "gpt-x"
+
+
+# FakeLLM's and several servers' order: the usage member before "choices", all in one read.
+USAGE_FIRST_CHUNK = (
+    b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","usage":{"prompt_tokens":5,'
+    b'"completion_tokens":3,"total_tokens":8,"prompt_tokens_details":{"cached_tokens":2}},'
+    b'"choices":[]}\n\n'
+)
+USAGE_FIRST_HEAD = b"".join(
+    b'data: {"id":"c1","model":"m","usage":null,"choices":[{"index":0,"delta":{"content":"'
+    + w
+    + b'"},"finish_reason":null}]}\n\n'
+    for w in (b"one ", b"two ", b'data: [DONE] \\"usage\\":{}')
+)
+USAGE_FIRST_STREAM = USAGE_FIRST_HEAD + USAGE_FIRST_CHUNK + b"data: [DONE]\n\n"
+
+
+def asgi_observer(drop: bool) -> p.StreamObserver:
+    return p.StreamObserver(CHAT, drop, False, p.BYTES_PER_TOKEN, None, True)  # as asgi.py
+
+
+@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("use_crlf", [False, True])
+def test_usage_first_stream_every_split(drop: bool, use_crlf: bool) -> None:
+    stream = crlf(USAGE_FIRST_STREAM) if use_crlf else USAGE_FIRST_STREAM
+    head = crlf(USAGE_FIRST_HEAD) if use_crlf else USAGE_FIRST_HEAD
+    want = head + (crlf(b"data: [DONE]\n\n") if use_crlf else b"data: [DONE]\n\n")
+    want = want if drop else stream
+    eager = p.StreamObserver(CHAT)
+    eager.feed(stream)
+    for i in range(len(stream) + 1):
+        obs = asgi_observer(drop)
+        out = obs.feed(stream[:i]) + obs.feed(stream[i:]) + obs.finish()
+        assert out == want, i
+        assert obs.usage == p.Usage(5, 3, 2), i
+        assert obs.done, i
+        assert obs.output_tokens == eager.output_tokens, i
+
+
+def test_usage_chunk_at_the_start_of_a_read() -> None:
+    for drop in (False, True):
+        obs = asgi_observer(drop)
+        assert obs.feed(USAGE_FIRST_HEAD) == USAGE_FIRST_HEAD
+        assert not obs.done and obs.usage is None
+        tail = USAGE_FIRST_CHUNK + b"data: [DONE]\n\n"
+        assert obs.feed(tail) == (b"data: [DONE]\n\n" if drop else tail)
+        assert obs.usage == p.Usage(5, 3, 2) and obs.done
+
+
+def test_done_only_in_content_text_at_the_end_is_not_the_end() -> None:
+    # The last event's text ends like the terminator, escaped inside its JSON string.
+    last = b'data: {"choices":[{"delta":{"content":"\\n\\ndata: [DONE]\\n\\n"}}]}\n\n'
+    obs = asgi_observer(True)
+    assert obs.feed(USAGE_FIRST_HEAD + last) == USAGE_FIRST_HEAD + last
+    assert obs.finish() == b""
+    assert not obs.done and obs.usage is None
+
+
+def test_multi_line_usage_event_is_dropped_whole() -> None:
+    event = b"event: chunk\n" + USAGE_FIRST_CHUNK
+    stream = USAGE_FIRST_HEAD + event + b"data: [DONE]\n\n"
+    obs = asgi_observer(True)
+    assert obs.feed(stream) + obs.finish() == USAGE_FIRST_HEAD + b"data: [DONE]\n\n"
+    assert obs.usage == p.Usage(5, 3, 2) and obs.done
+    # A usage event followed by a line break inside its own text block ends where "\n\n" is.
+    split_event = USAGE_FIRST_CHUNK[:-2] + b"\nid: 7\n\n"
+    obs = asgi_observer(True)
+    out = obs.feed(USAGE_FIRST_HEAD + split_event + b"data: [DONE]\n\n")
+    assert out == USAGE_FIRST_HEAD + b"data: [DONE]\n\n"
+    assert obs.usage == p.Usage(5, 3, 2) and obs.done
+
+
+def test_trailing_partial_event_after_the_fast_path_is_held() -> None:
+    obs = asgi_observer(True)
+    part = USAGE_FIRST_CHUNK[:40]
+    assert obs.feed(USAGE_FIRST_HEAD + part) == USAGE_FIRST_HEAD
+    assert obs.feed(USAGE_FIRST_CHUNK[40:] + b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+    assert obs.usage == p.Usage(5, 3, 2) and obs.done and obs.finish() == b""
+
+
+def test_usage_chunk_not_last_before_done_keeps_what_follows_it() -> None:
+    after = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"late"}}]}\n\n'
+    stream = USAGE_FIRST_HEAD + USAGE_FIRST_CHUNK + after + b"data: [DONE]\n\n"
+    obs = asgi_observer(True)
+    assert obs.feed(stream) == USAGE_FIRST_HEAD + after + b"data: [DONE]\n\n"
+    assert obs.usage == p.Usage(5, 3, 2) and obs.done

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, Literal
 
 import attrs
@@ -141,6 +142,49 @@ def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# Per version (by identity; a Version is frozen): what rewrite_request applies. Bounded: a
+# reload makes new versions, and the entries of old ones are dropped with the rest.
+_PLANS: dict[int, _Plan] = {}
+_PLANS_MAX = 256
+
+
+@attrs.define
+class _Plan:
+    version: Version
+    overrides: dict[str, Any]  # parameters set as they are (none of the max-token keys)
+    embedding_overrides: dict[str, Any]  # the same for an embeddings call
+    cap: Any  # the lowest max-token parameter, None without one
+    cap_key: str  # its name
+    embedding_cap: Any
+    embedding_cap_key: str
+    # (upstream, its model name) of the last call: one attribute, so that threads sending the
+    # version to different upstreams never pair one's upstream with the other's name.
+    target: tuple[Upstream | None, str] = (None, "")
+
+
+def _plan(version: Version) -> _Plan:
+    plans = []
+    for embeddings in (False, True):
+        overrides: dict[str, Any] = {}
+        cap: Any = None
+        cap_key = ""
+        for key, value in version.parameters.items():
+            if key in _NEVER_OVERRIDE or (embeddings and key in _GENERATION_PARAMS):
+                continue
+            if key in _MAX_KEYS:
+                if (type(value) is int or _is_number(value)) and (cap is None or value < cap):
+                    cap, cap_key = value, key
+            else:
+                overrides[key] = value
+        plans.append((overrides, cap, cap_key))
+    (o, c, k), (eo, ec, ek) = plans
+    plan = _Plan(version, o, eo, c, k, ec, ek)
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    _PLANS[id(version)] = plan
+    return plan
+
+
 def rewrite_request(
     body: dict[str, Any], endpoint: Endpoint, version: Version, upstream: Upstream
 ) -> dict[str, Any]:
@@ -149,17 +193,16 @@ def rewrite_request(
     Version parameters override the client's, except the max-token keys, which cap it.
     Values are shared with ``version.parameters``: treat nested ones as read-only.
     """
-    embeddings = endpoint.kind == "embeddings"
-    cap: Any = None
-    cap_key = ""
-    for key, value in version.parameters.items():
-        if key in _NEVER_OVERRIDE or (embeddings and key in _GENERATION_PARAMS):
-            continue
-        if key in _MAX_KEYS:
-            if (type(value) is int or _is_number(value)) and (cap is None or value < cap):
-                cap, cap_key = value, key
-        else:
-            body[key] = value
+    plan = _PLANS.get(id(version))
+    if plan is None or plan.version is not version:
+        plan = _plan(version)
+    kind = endpoint.kind
+    if kind == "embeddings":
+        body.update(plan.embedding_overrides)
+        cap, cap_key = plan.embedding_cap, plan.embedding_cap_key
+    else:
+        body.update(plan.overrides)
+        cap, cap_key = plan.cap, plan.cap_key
     if cap is not None:
         capped = False
         for key in _MAX_KEYS:
@@ -169,15 +212,23 @@ def rewrite_request(
                 if not (type(v) is int or _is_number(v)) or v > cap:
                     body[key] = cap
         if not capped:
-            key = _DEFAULT_MAX_KEY.get(endpoint.kind, "max_output_tokens")
+            key = _DEFAULT_MAX_KEY.get(kind, "max_output_tokens")
             # A chat version that spells max_completion_tokens targets models that need it.
-            if endpoint.kind == "chat" and cap_key == "max_completion_tokens":
+            if kind == "chat" and cap_key == "max_completion_tokens":
                 key = cap_key
             body[key] = cap
     sp = version.system_prompt
-    if sp and not embeddings:
-        _insert_system_prompt(body, endpoint.kind, sp)
-    body["model"] = version.upstream_model(upstream)
+    if sp and kind != "embeddings":
+        if kind == "chat":  # _insert_system_prompt's first case, inlined
+            messages = body.get("messages")
+            if isinstance(messages, list):
+                body["messages"] = [{"role": "system", "content": sp}, *messages]
+        else:
+            _insert_system_prompt(body, kind, sp)
+    target = plan.target
+    if target[0] is not upstream:
+        target = plan.target = (upstream, version.upstream_model(upstream))
+    body["model"] = target[1]
     return body
 
 
@@ -206,6 +257,33 @@ def _insert_system_prompt(body: dict[str, Any], kind: str, sp: str) -> None:
             body["system"] = sp
 
 
+# Per upstream (by identity; an Upstream is frozen): the headers every request to it carries.
+# Bounded as _PLANS is.
+_UPSTREAMS: dict[int, _UpstreamFacts] = {}
+_UPSTREAMS_MAX = 256
+
+
+@attrs.define
+class _UpstreamFacts:
+    upstream: Upstream
+    headers: dict[str, str]  # content-type and the upstream's own credentials
+    names: _ForwardNames  # the client header names forwarded to it
+
+
+def _upstream_facts(upstream: Upstream) -> _UpstreamFacts:
+    headers = {"content-type": "application/json"}
+    if upstream.protocol == "anthropic":
+        if upstream.api_key:
+            headers["x-api-key"] = upstream.api_key
+    elif upstream.api_key:  # keyless local servers (vLLM, Ollama) get no Authorization at all
+        headers["authorization"] = "Bearer " + upstream.api_key
+    facts = _UpstreamFacts(upstream, headers, _FORWARD_NAMES[upstream.protocol])
+    if len(_UPSTREAMS) >= _UPSTREAMS_MAX:
+        _UPSTREAMS.clear()
+    _UPSTREAMS[id(upstream)] = facts
+    return facts
+
+
 def upstream_url(upstream: Upstream, endpoint: Endpoint) -> str:
     """OpenAI base URLs include ``/v1``, Anthropic's do not (as each official SDK takes them)."""
     base = upstream.base_url.rstrip("/")
@@ -228,8 +306,49 @@ _FORWARD: dict[str, dict[bytes | str, str]] = {
 }
 
 
+class _ForwardNames(dict[bytes | str, str | None]):
+    """A protocol's client header name (bytes or str, in any case) -> the lower-case name it is
+    forwarded under, None when it is dropped: one lookup a header. Names are learnt as they
+    are seen, up to a bound, so a client inventing names cannot grow it; past the bound, names
+    not in it are worked out each time."""
+
+    def __init__(self, forwarded: dict[bytes | str, str]) -> None:
+        super().__init__(forwarded)
+        self.forwarded = forwarded
+
+    def __missing__(self, name: bytes | str) -> str | None:
+        key = None
+        if isinstance(name, str) and not name.islower():
+            key = self.forwarded.get(name.lower())
+        if len(self) < _FORWARD_NAMES_MAX:
+            self[name] = key
+        return key
+
+
+_FORWARD_NAMES_MAX = 1024
+_FORWARD_NAMES = {family: _ForwardNames(names) for family, names in _FORWARD.items()}
+
 # Not visible ASCII, space or tab: control characters (CR, LF, NUL) and non-ASCII text.
 _UNSENDABLE = re.compile(r"[^\t\x20-\x7e]")
+
+
+# Forwarded header values (bytes or str) -> their sendable text: clients send few distinct ones
+# (accept: "*/*", "application/json"; API versions and betas). Bounded, short values only.
+_HEADER_TEXTS: dict[bytes | str, str] = {}
+_HEADER_TEXTS_MAX = 1024
+
+
+def _header_text(key: str, value: bytes | str) -> str:
+    text = (value.decode("latin-1") if isinstance(value, bytes) else value).strip(" \t")
+    # An HTTP client refuses to send what the regex finds: say so, not 502. Printable
+    # ASCII is always sendable: the regex runs only for tabs and anything else.
+    if not (text.isascii() and text.isprintable()) and _UNSENDABLE.search(text):
+        raise RequestRejected(
+            400, "invalid_request", f"the {key} header holds characters it may not hold"
+        )
+    if len(value) <= 256 and len(_HEADER_TEXTS) < _HEADER_TEXTS_MAX:
+        _HEADER_TEXTS[value] = text
+    return text
 
 
 def upstream_headers(
@@ -237,30 +356,23 @@ def upstream_headers(
     client_headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]],
 ) -> dict[str, str]:
     """Headers for the upstream request: the allow-list above plus the upstream's own auth."""
-    allowed = _FORWARD[upstream.protocol]
-    out = {"content-type": "application/json"}
+    facts = _UPSTREAMS.get(id(upstream))
+    if facts is None or facts.upstream is not upstream:
+        facts = _upstream_facts(upstream)
+    names = facts.names
+    # Never a forwarded name: content-type and the credentials are the upstream's own.
+    out = facts.headers.copy()
+    texts = _HEADER_TEXTS
     for name, value in client_headers:
-        key = allowed.get(name)
+        key = names[name]
         if key is None:
-            if not isinstance(name, str) or name.islower():
-                continue
-            key = allowed.get(name.lower())
-            if key is None:
-                continue
-        text = (value.decode("latin-1") if isinstance(value, bytes) else value).strip(" \t")
-        # An HTTP client refuses to send what the regex finds: say so, not 502. Printable
-        # ASCII is always sendable: the regex runs only for tabs and anything else.
-        if not (text.isascii() and text.isprintable()) and _UNSENDABLE.search(text):
-            raise RequestRejected(
-                400, "invalid_request", f"the {key} header holds characters it may not hold"
-            )
+            continue
+        text = texts.get(value)
+        if text is None:
+            text = _header_text(key, value)
         out[key] = f"{out[key]},{text}" if key in out else text
-    if upstream.protocol == "anthropic":
-        out.setdefault("anthropic-version", upstream.anthropic_version)
-        if upstream.api_key:
-            out["x-api-key"] = upstream.api_key
-    elif upstream.api_key:  # keyless local servers (vLLM, Ollama) get no Authorization at all
-        out["authorization"] = "Bearer " + upstream.api_key
+    if upstream.protocol == "anthropic" and "anthropic-version" not in out:
+        out["anthropic-version"] = upstream.anthropic_version
     return out
 
 
@@ -286,19 +398,20 @@ _RESPONSE_HEADERS: dict[str | bytes, bytes] = {
 }
 
 
-# Every name seen so far -> its lower-case bytes when passed, None when dropped: one lookup a
-# header. Bounded, so an upstream inventing names cannot grow it; past the bound, names not in
-# it are worked out each time.
-_RESPONSE_NAMES: dict[str | bytes, bytes | None] = dict(_RESPONSE_HEADERS)
+class _ResponseNames(dict[str | bytes, bytes | None]):
+    """Every name seen so far -> its lower-case bytes when passed, None when dropped: one
+    lookup a header. Bounded, so an upstream inventing names cannot grow it; past the bound,
+    names not in it are worked out each time."""
+
+    def __missing__(self, name: str | bytes) -> bytes | None:
+        raw = None if name.islower() else _RESPONSE_HEADERS.get(name.lower())
+        if len(self) < _RESPONSE_NAMES_MAX:
+            self[name] = raw
+        return raw
+
+
+_RESPONSE_NAMES = _ResponseNames(_RESPONSE_HEADERS)
 _RESPONSE_NAMES_MAX = 1024
-_UNSEEN = b""
-
-
-def _response_name(name: str | bytes) -> bytes | None:
-    raw = None if name.islower() else _RESPONSE_HEADERS.get(name.lower())
-    if len(_RESPONSE_NAMES) < _RESPONSE_NAMES_MAX:
-        _RESPONSE_NAMES[name] = raw
-    return raw
 
 
 def response_headers(
@@ -306,11 +419,9 @@ def response_headers(
 ) -> list[tuple[bytes, bytes]]:
     """The upstream headers passed to the client, as ASGI header pairs; names in any case."""
     out = []
-    known = _RESPONSE_NAMES.get
+    names = _RESPONSE_NAMES
     for name, value in headers:
-        raw = known(name, _UNSEEN)
-        if raw is _UNSEEN:
-            raw = _response_name(name)
+        raw = names[name]
         if raw is not None:
             out.append((raw, value if isinstance(value, bytes) else value.encode("latin-1")))
     return out
@@ -411,7 +522,19 @@ def _usage(kind: str, u: dict[str, Any]) -> Usage:
 def usage_from_body(endpoint: Endpoint, obj: dict[str, Any]) -> Usage | None:
     """Usage of a non-streamed response body; None when it has none."""
     u = obj.get("usage")
-    return _usage(endpoint.kind, u) if isinstance(u, dict) else None
+    if not isinstance(u, dict):
+        return None
+    kind = endpoint.kind
+    if kind in ("messages", "responses"):
+        return _usage(kind, u)
+    # _usage's OpenAI branch, inlined: this runs for every OpenAI call.
+    p, c, d = u.get("prompt_tokens"), u.get("completion_tokens"), u.get("prompt_tokens_details")
+    cached = d.get("cached_tokens") if isinstance(d, dict) else 0
+    return Usage(
+        p if type(p) is int else 0,
+        c if type(c) is int else 0,
+        cached if type(cached) is int else 0,
+    )
 
 
 def request_stream_usage(body: dict[str, Any], endpoint: Endpoint) -> bool:
@@ -419,7 +542,8 @@ def request_stream_usage(body: dict[str, Any], endpoint: Endpoint) -> bool:
 
     Returns True when the client did not ask for it, so its usage chunk must be dropped.
     """
-    if endpoint.kind not in ("chat", "completions") or not is_stream(body):
+    kind = endpoint.kind
+    if kind not in ("chat", "completions") or body.get("stream") is not True:
         return False
     opts = body.get("stream_options")
     if isinstance(opts, dict):
@@ -452,12 +576,9 @@ _TRIGGERS: dict[str, tuple[bytes, ...]] = {
     "responses": (b"response.completed", b"response.incomplete", b"response.failed"),
     "messages": (b"message_start", b"message_delta", b"message_stop"),
 }
-# Per endpoint kind: (OpenAI-style usage in a "usage" member, end/usage markers, output keys).
-_KIND_SCAN: dict[str, tuple[bool, tuple[bytes, ...], tuple[bytes, ...]]] = {
-    kind: (kind not in _TRIGGERS, _TRIGGERS.get(kind, (b"[DONE]",)), _OUTPUT_KEYS.get(kind, ()))
-    for kind in ("chat", "completions", "embeddings", "responses", "messages")
-}
-_OTHER_SCAN: tuple[bool, tuple[bytes, ...], tuple[bytes, ...]] = (True, (b"[DONE]",), ())
+# What ends an OpenAI-style stream (any kind not in _TRIGGERS).
+_OPENAI_TRIGGERS = (b"[DONE]",)
+_DONE_EVENT = b"data: [DONE]\n\n"
 _RESPONSES_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _ANTHROPIC_KEYS = (
     "input_tokens",
@@ -588,37 +709,22 @@ class StreamObserver:
     that needs the count only when the upstream reported no usage pays for it only then.
     """
 
-    __slots__ = (
-        "_anthropic",
-        "_blocks",
-        "_bytes_per_token",
-        "_defer",
-        "_drop",
-        "_endpoint",
-        "_held",
-        "_ident",
-        "_ident_tries",
-        "_kind",
-        "_limit",
-        "_openai",
-        "_out_bytes",
-        "_out_events",
-        "_out_keys",
-        "_sequence",
-        "_skip",
-        "_triggers",
-        "_uncounted",
-        "_uncounted_bytes",
-        "_whole",
-        "cut_short",
-        "done",
-        "limit_reached",
-        "usage",
-    )
-
-    usage: Usage | None
-    done: bool
-    cut_short: bool
+    # No __slots__: what most streams never change stays a class attribute, so a stream sets
+    # only a few attributes in __init__ (and the rest when it first changes them).
+    usage: Usage | None = None
+    done = False
+    cut_short = False
+    limit_reached = False
+    _skip = False  # inside a runaway event: pass bytes through until it ends
+    _bytes_per_token = BYTES_PER_TOKEN
+    _out_events = 0  # string values of generated text seen (non-empty)
+    _out_bytes = 0  # their raw (JSON-escaped) length
+    _uncounted_bytes = 0
+    _ident: Mapping[str, str] = MappingProxyType({})  # the stream's "id" and "model"
+    _ident_tries = 0
+    _blocks = (0, 0)  # anthropic content_block_start / content_block_stop events
+    _sequence = -1  # the last responses sequence_number
+    _anthropic: dict[str, int]  # the usage reported so far (messages only)
 
     def __init__(
         self,
@@ -633,32 +739,102 @@ class StreamObserver:
         kind = endpoint.kind
         self._endpoint = endpoint
         self._kind = kind
-        self._drop = drop_usage_chunk and kind in ("chat", "completions")
+        self._drop = drop = drop_usage_chunk and kind in ("chat", "completions")
         # With an output limit, feed() stops after the event that passes it (limit_reached):
         # one socket read may carry the whole rest of the stream.
         self._limit = output_limit
-        self.limit_reached = False
-        self._whole = self._drop or whole_events or output_limit is not None
-        self._openai, self._triggers, self._out_keys = _KIND_SCAN.get(kind, _OTHER_SCAN)
-        self._bytes_per_token = bytes_per_token
-        self._out_events = 0  # string values of generated text seen (non-empty)
-        self._out_bytes = 0  # their raw (JSON-escaped) length
-        self._ident: dict[str, str] = {}  # the stream's "id" and "model", from its first events
-        self._ident_tries = 0
-        self._blocks = [0, 0]  # anthropic content_block_start / content_block_stop events
-        self._sequence = -1  # the last responses sequence_number
+        self._whole = drop or whole_events or output_limit is not None
+        # OpenAI-style usage in a "usage" member, and "[DONE]" at the end.
+        self._openai = openai = kind not in _TRIGGERS
+        self._plain = openai and output_limit is None  # feed()'s fast path applies
+        if bytes_per_token != BYTES_PER_TOKEN:
+            self._bytes_per_token = bytes_per_token
         self._defer = defer_count and output_limit is None
         self._uncounted: list[tuple[bytes, int, int]] = []  # complete events not counted yet
-        self._uncounted_bytes = 0
-        self.cut_short = False
         self._held = bytearray()  # the trailing partial event (held back in whole-events mode)
-        self._skip = False  # inside a runaway event: pass bytes through until it ends
-        self._anthropic: dict[str, int] = {}
-        self.usage = None
-        self.done = False
+        # Read on every feed: instance attributes are found faster than class ones.
+        self._skip = self.done = False
+        if kind == "messages":
+            self._anthropic = {}
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to forward now: ``chunk`` itself unless dropping the usage chunk."""
+        if self._plain and not self._held and not self._skip:
+            # The usual read of an OpenAI stream without an output limit, nothing held: the
+            # general path below inlined, with the end of such a stream (its usage chunk, then
+            # "data: [DONE]") read from the end. A "\r" anywhere takes the general path.
+            end = chunk.rfind(b"\n\n")
+            if end >= 0 and _CR not in chunk:
+                end += 2
+                if self._defer:
+                    self._uncounted.append((chunk, 0, end))
+                    self._uncounted_bytes += end
+                    if self._uncounted_bytes > _DEFER_BYTES:
+                        self._count_deferred()
+                else:
+                    self._count(chunk, 0, end)
+                s = e = 0
+                at = chunk.rfind(b'"usage"', 0, end)
+                # The region ends with "\n\n": the two bytes after a key in it exist.
+                if at >= 0 and chunk[at + 7] == 0x3A and chunk[at + 8] == 0x7B:  # ':{'
+                    # The event's bounds, found by memchr: a one-line event has "\n" only in
+                    # the "\n\n" around it.
+                    s = chunk.rfind(b"\n", 0, at)
+                    if s > 0 and chunk[s - 1] == 0x0A:
+                        s += 1
+                    else:
+                        s = chunk.rfind(b"\n\n", 0, at)
+                        s = s + 2 if s >= 0 else 0
+                    text_end = chunk.find(b"\n", at)
+                    if chunk[text_end + 1] != 0x0A:
+                        text_end = chunk.find(b"\n\n", text_end)
+                    obj = None
+                    if chunk.startswith(b"data: {", s):
+                        try:
+                            obj = orjson.loads(b"{" + chunk[at:text_end])
+                        except orjson.JSONDecodeError:
+                            obj = None
+                    # _handle_usage inlined for its usual case: a chunk whose "choices" come
+                    # after its usage, or none asked to drop it.
+                    if (
+                        obj is not None
+                        and (not self._drop or "choices" in obj)
+                        and isinstance(u := obj["usage"], dict)
+                    ):
+                        p, c = u.get("prompt_tokens"), u.get("completion_tokens")
+                        d = u.get("prompt_tokens_details")
+                        cached = d.get("cached_tokens") if isinstance(d, dict) else 0
+                        self.usage = Usage(
+                            p if type(p) is int else 0,
+                            c if type(c) is int else 0,
+                            cached if type(cached) is int else 0,
+                        )
+                        if self._drop and not obj["choices"]:
+                            e = text_end + 2
+                    elif self._handle_usage(chunk, s, text_end, at):
+                        e = text_end + 2
+                elif at >= 0:
+                    drops = self._scan_usage(chunk, 0, end, False)
+                    if drops:
+                        s, e = drops[0]
+                last_done = chunk.endswith(b"\n\ndata: [DONE]\n\n", 0, end)
+                if last_done:
+                    self.done = True
+                elif not self.done:
+                    self._scan_done(chunk, 0, end, False)
+                if end < len(chunk):
+                    if len(chunk) - end > _MAX_EVENT:
+                        self._skip, end = True, len(chunk)
+                    else:
+                        self._held += memoryview(chunk)[end:]
+                if not self._whole:
+                    return chunk
+                if e:
+                    # The usage chunk just before [DONE]: one slice fewer.
+                    if last_done and e == end - 14:
+                        return chunk[:s] + _DONE_EVENT
+                    return chunk[:s] + chunk[e:end]
+                return chunk if end == len(chunk) else chunk[:end]
         if self.limit_reached:
             return b""
         held, start = self._held, 0
@@ -715,7 +891,8 @@ class StreamObserver:
     def finish(self) -> bytes:
         """Whatever is still held, forwarded as is (a last event without its blank line)."""
         if not self._held:  # the usual end: the stream closed on an event boundary
-            self._skip = False
+            if self._skip:
+                self._skip = False
             return b""
         held = bytes(self._held)
         self._held.clear()
@@ -734,7 +911,7 @@ class StreamObserver:
             usage = _last_usage_object(data, start, end)
             if usage >= 0:
                 marks.append(usage)
-        for t in self._triggers:
+        for t in _TRIGGERS.get(self._kind, _OPENAI_TRIGGERS):
             i = data.find(t, start, end)
             while i >= 0:
                 marks.append(i)
@@ -777,24 +954,33 @@ class StreamObserver:
         """:meth:`_scan` for OpenAI streams: only the last usage report and the ``[DONE]``
         marker matter, and a stream puts both at its end, so both are searched from there
         (a forward search for ``[DONE]`` would read every content event first)."""
-        drops = None
         crlf = _CR in data
+        drops = self._scan_usage(data, start, end, crlf)
+        if not self.done:
+            self._scan_done(data, start, end, crlf)
+        return drops
+
+    def _scan_usage(
+        self, data: bytes, start: int, end: int, crlf: bool
+    ) -> list[tuple[int, int]] | None:
+        """The usage half of :meth:`_scan_openai`."""
         at = _last_usage_object(data, start, end)
         if at >= 0:
             s, text_end, e = _event_bounds(data, start, end, at, crlf)
             if self._handle_usage(data, s, text_end, at):
-                drops = [(s, e)]
-        if self.done:
-            return drops
+                return [(s, e)]
+        return None
+
+    def _scan_done(self, data: bytes, start: int, end: int, crlf: bool) -> None:
+        """The ``[DONE]`` half of :meth:`_scan_openai`."""
         at = data.rfind(b"[DONE]", start, end)
         while at >= 0:
-            s, text_end, e = _event_bounds(data, start, end, at, crlf)
+            s, text_end, _ = _event_bounds(data, start, end, at, crlf)
             event = data[s:text_end]
             if event == b"data: [DONE]" or _event_data(event) == b"[DONE]":
                 self.done = True
-                break
+                return
             at = data.rfind(b"[DONE]", start, s)  # that one was text inside another event
-        return drops
 
     def _handle_usage(self, data: bytes, s: int, text_end: int, at: int) -> bool:
         """:meth:`_handle` for the OpenAI event ``data[s:text_end]`` whose last ``"usage"`` key
@@ -821,7 +1007,15 @@ class StreamObserver:
                     n = data.count(b'"choices"', s, at)
                     if n > 1 or (n == 1 and data.find(b'"choices":[]', s, at) < 0):
                         return self._handle(data[s:text_end])
-                self.usage = _usage(self._kind, u)
+                # _usage's OpenAI branch, inlined: every OpenAI kind reads usage so.
+                p, c = u.get("prompt_tokens"), u.get("completion_tokens")
+                d = u.get("prompt_tokens_details")
+                cached = d.get("cached_tokens") if isinstance(d, dict) else 0
+                self.usage = Usage(
+                    p if type(p) is int else 0,
+                    c if type(c) is int else 0,
+                    cached if type(cached) is int else 0,
+                )
                 return self._drop and not choices
         return self._handle(data[s:text_end])
 
@@ -919,7 +1113,7 @@ class StreamObserver:
     def _count(self, data: bytes, start: int, end: int) -> None:
         """Count the generated text in the complete events ``data[start:end]``."""
         find = data.find
-        for key in self._out_keys:
+        for key in _OUTPUT_KEYS.get(self._kind, ()):
             i = find(key, start, end)
             while i >= 0:
                 j = i + len(key)
@@ -940,8 +1134,11 @@ class StreamObserver:
                     self._out_bytes += close - j
                 i = find(key, close + 1, end)
         if self._kind == "messages":
-            self._blocks[0] += data.count(b'"content_block_start"', start, end)
-            self._blocks[1] += data.count(b'"content_block_stop"', start, end)
+            started, stopped = self._blocks
+            self._blocks = (
+                started + data.count(b'"content_block_start"', start, end),
+                stopped + data.count(b'"content_block_stop"', start, end),
+            )
         elif self._kind == "responses":
             i = data.rfind(b'"sequence_number"', start, end)
             j = _value_start(data, i + 17, end, b"0123456789") if i >= 0 else -1
@@ -952,11 +1149,13 @@ class StreamObserver:
                 self._sequence = int(data[j - 1 : k])
         if self._ident_tries < 8 and len(self._ident) < 2:
             self._ident_tries += 1
+            ident = dict(self._ident)  # at most one entry, at most 8 times a stream
             for name in ("id", "model"):
-                if name not in self._ident:
-                    self._ident[name] = _string_value(data, b'"' + name.encode() + b'"', start, end)
-                    if not self._ident[name]:
-                        del self._ident[name]
+                if name not in ident:
+                    value = _string_value(data, b'"' + name.encode() + b'"', start, end)
+                    if value:
+                        ident[name] = value
+            self._ident = ident
 
     def cut(self, model: str = "") -> bytes:
         """End the stream now: the bytes that close it cleanly in its protocol (see
@@ -972,7 +1171,7 @@ class StreamObserver:
         self._count_deferred()  # the stream's id, model and open block come from the count
         self.done = self.cut_short = True
         partial = bool(self._held) and not self._whole
-        self._held.clear()
+        self._held = bytearray()
         self._skip = False
         blocks = self._blocks
         tail = stream_cut_tail(
