@@ -509,7 +509,12 @@ def _usage(kind: str, u: dict[str, Any]) -> Usage:
             _int(u.get("output_tokens")),
             _detail(u, "input_tokens_details"),
         )
-    # Inlined _int/_detail: this runs for every OpenAI call.
+    return _openai_usage(u)
+
+
+def _openai_usage(u: dict[str, Any]) -> Usage:
+    """An OpenAI ``usage`` object (chat, completions, embeddings): the stream observer calls
+    it directly, as every OpenAI call reads its usage so. _int/_detail inlined."""
     p, c, d = u.get("prompt_tokens"), u.get("completion_tokens"), u.get("prompt_tokens_details")
     cached = d.get("cached_tokens") if isinstance(d, dict) else 0
     return Usage(
@@ -527,14 +532,7 @@ def usage_from_body(endpoint: Endpoint, obj: dict[str, Any]) -> Usage | None:
     kind = endpoint.kind
     if kind in ("messages", "responses"):
         return _usage(kind, u)
-    # _usage's OpenAI branch, inlined: this runs for every OpenAI call.
-    p, c, d = u.get("prompt_tokens"), u.get("completion_tokens"), u.get("prompt_tokens_details")
-    cached = d.get("cached_tokens") if isinstance(d, dict) else 0
-    return Usage(
-        p if type(p) is int else 0,
-        c if type(c) is int else 0,
-        cached if type(cached) is int else 0,
-    )
+    return _openai_usage(u)
 
 
 def request_stream_usage(body: dict[str, Any], endpoint: Endpoint) -> bool:
@@ -801,14 +799,7 @@ class StreamObserver:
                         and (not self._drop or "choices" in obj)
                         and isinstance(u := obj["usage"], dict)
                     ):
-                        p, c = u.get("prompt_tokens"), u.get("completion_tokens")
-                        d = u.get("prompt_tokens_details")
-                        cached = d.get("cached_tokens") if isinstance(d, dict) else 0
-                        self.usage = Usage(
-                            p if type(p) is int else 0,
-                            c if type(c) is int else 0,
-                            cached if type(cached) is int else 0,
-                        )
+                        self.usage = _openai_usage(u)
                         if self._drop and not obj["choices"]:
                             e = text_end + 2
                     elif self._handle_usage(chunk, s, text_end, at):
@@ -1007,15 +998,7 @@ class StreamObserver:
                     n = data.count(b'"choices"', s, at)
                     if n > 1 or (n == 1 and data.find(b'"choices":[]', s, at) < 0):
                         return self._handle(data[s:text_end])
-                # _usage's OpenAI branch, inlined: every OpenAI kind reads usage so.
-                p, c = u.get("prompt_tokens"), u.get("completion_tokens")
-                d = u.get("prompt_tokens_details")
-                cached = d.get("cached_tokens") if isinstance(d, dict) else 0
-                self.usage = Usage(
-                    p if type(p) is int else 0,
-                    c if type(c) is int else 0,
-                    cached if type(cached) is int else 0,
-                )
+                self.usage = _openai_usage(u)
                 return self._drop and not choices
         return self._handle(data[s:text_end])
 
