@@ -29,7 +29,7 @@ from relaymw.config import (
     parse_document,
     unstructure_config,
 )
-from relaymw.cost import PicoRates, cost_of_usage, effective_cap
+from relaymw.cost import PicoRates, cost_of_usage, cost_pico, effective_cap
 from relaymw.errors import (
     ConfigError,
     RequestRejected,
@@ -164,14 +164,8 @@ class Exchange:
             finer: Decimal | None = None  # a cost with a part below one pico-USD
             if usage is not None:
                 price, rates = self.tariff
-                if rates is not None:  # cost.cost_pico, inlined
-                    cached, written = usage.cached_tokens, usage.cache_creation_tokens
-                    pico = (
-                        (usage.prompt_tokens - cached - written) * rates[0]
-                        + usage.completion_tokens * rates[1]
-                        + cached * rates[2]
-                        + written * rates[3]
-                    )
+                if rates is not None:
+                    pico = cost_pico(rates, usage)
                 elif price is not None:
                     finer = self.cost
                 relay._metrics.record_pico(

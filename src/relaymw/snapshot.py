@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hmac
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -17,7 +16,7 @@ import attrs
 from relaymw.config import Price, RelayConfig, Route, Upstream, Version
 from relaymw.cost import PicoRates, pico_rates, price_for
 from relaymw.protocols import Endpoint, gateway_paths
-from relaymw.routing import BASIS_POINTS, CookieCodec, RouteTable, StickyCookie, _rng
+from relaymw.routing import CookieCodec, RouteTable, StickyCookie
 
 __all__ = [
     "CompiledRoute",
@@ -284,28 +283,21 @@ class Snapshot:
     ) -> tuple[VersionChoice, str | None]:
         """Choose a version: operator pin, then a valid sticky cookie, then the sticky key,
         then weight. Returns the choice and a ``Set-Cookie`` value when one must be set."""
-        # The hot path of every routed request: everything it reads was prebuilt per snapshot,
-        # and the usual steps are inlined (a Python call costs more than most of them).
+        # The hot path of every routed request: everything it reads was prebuilt per snapshot.
         if pinned_tag is None and self.config.pinning.token:
             pinned_tag = self._operator_pin(route, request)
         if pinned_tag is not None and pinned_tag in route.rule_tags:
             return route.choices[(pinned_tag, "pin")], None
         table = route.table
         cookie = route.sticky
-        if cookie is None:  # RouteTable.pick_index, inlined
-            return route.by_weight[
-                bisect_left(table.ends, int(_rng.random() * BASIS_POINTS) + 1)
-            ], None
+        if cookie is None:
+            return route.by_weight[table.pick_index()], None
         now = time.time() if now is None else now
-        header = request._cookie_header
-        if header is None:
-            header = request._cookie_header = request.headers.get("cookie") or ""
-        if cookie.name in header:  # RequestView.cookie, which most requests need not run
-            raw = cookie_value(header, cookie.name)
-            if raw is not None:
-                tag = cookie.read(raw, now)
-                if tag is not None:
-                    return route.by_cookie[tag], None
+        raw = request.cookie(cookie.name)
+        if raw is not None:
+            tag = cookie.read(raw, now)
+            if tag is not None:
+                return route.by_cookie[tag], None
         if route.key_header is not None:
             key = request.headers.get(route.key_header)
         else:
@@ -315,7 +307,7 @@ class Snapshot:
             index = table.key_index(key)
             choice = route.by_key[index]
         else:
-            index = bisect_left(table.ends, int(_rng.random() * BASIS_POINTS) + 1)
+            index = table.pick_index()
             choice = route.by_weight[index]
         return choice, cookie.header(table.tags[index], int(now), request.scheme == "https")
 
