@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import random
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 
 import attrs
@@ -96,8 +96,12 @@ class RouteTable:
 
     def pick_index(self, rng: random.Random | None = None) -> int:
         """A weighted position in ``tags``. ``random()`` scaled, not ``randrange()``: it is
-        several times cheaper, and its bias over 10000 buckets is below 1e-12."""
-        return bisect_left(self.ends, int((rng or _rng).random() * BASIS_POINTS) + 1)
+        several times cheaper, and its bias over 10000 buckets is below 1e-12.
+
+        The bucket of ``x = random() * 10000`` is ``int(x) + 1``; as the ends are whole, an end
+        is >= that bucket exactly when it is > ``x``, so ``x`` is looked up as it is: ``int()``
+        costs more than the whole search."""
+        return bisect_right(self.ends, (rng or _rng).random() * BASIS_POINTS)
 
     def key_index(self, key: str) -> int:
         """The position in ``tags`` that ``bucket(alias, key)`` falls in (inlined: this is
@@ -206,8 +210,10 @@ class StickyCookie:
         self._heads = {tag: f"{name}={tag}~" for tag in self._signers}
         self._tail = f"; Max-Age={ttl_seconds}; Path=/; HttpOnly; SameSite=Lax"
         self._secure = f"{self._tail}; Secure"
-        # tag -> (expires, Set-Cookie, Set-Cookie with Secure) of the last second written.
-        self._last: dict[str, tuple[int, str, str]] = {}
+        # tag -> (start, end, Set-Cookie, Set-Cookie with Secure) of the last second written,
+        # the second as the floats [start, end): a request's clock is tested against it without
+        # an int() call.
+        self._last: dict[str, tuple[float, float, str, str]] = {}
 
     def read(self, value: str, now: float) -> str | None:
         """The eligible tag a cookie value names, or None when it must be replaced."""
@@ -222,17 +228,20 @@ class StickyCookie:
             return tag
         return None
 
-    def header(self, tag: str, now: int, secure: bool) -> str:
-        """The ``Set-Cookie`` value naming ``tag`` for ``ttl`` seconds from ``now``.
+    def header(self, tag: str, now: float, secure: bool) -> str:
+        """The ``Set-Cookie`` value naming ``tag`` for ``ttl`` seconds from the whole second
+        ``int(now)``.
 
         Every request of the same second gets the same value, so it is signed once per second
         and tag instead of once per request."""
-        expires = now + self.ttl
         last = self._last.get(tag)
-        if last is None or last[0] != expires:
+        if last is None or not last[0] <= now < last[1]:
+            second = int(now)
+            expires = second + self.ttl
             value = f"{self._heads[tag]}{expires}"
             signer = self._signers[tag]
             if signer is not None:
                 value = f"{value}~{signer.sign(str(expires).encode())}"
-            last = self._last[tag] = (expires, value + self._tail, value + self._secure)
-        return last[2] if secure else last[1]
+            last = (float(second), float(second + 1), value + self._tail, value + self._secure)
+            self._last[tag] = last
+        return last[3] if secure else last[2]

@@ -119,7 +119,7 @@ class RequestView:
         header = self._cookie_header
         if header is None:
             header = self._cookie_header = self.headers.get("cookie") or ""
-        return cookie_value(header, name)
+        return cookie_value(header, name) if header else None
 
     def key(self, spec: str, func: KeyFunction | None = None) -> str | None:
         """A request key by spec: ``header:NAME``, ``cookie:NAME``, ``api_key``, ``client_ip``
@@ -309,7 +309,7 @@ class Snapshot:
         else:
             index = table.pick_index()
             choice = route.by_weight[index]
-        return choice, cookie.header(table.tags[index], int(now), request.scheme == "https")
+        return choice, cookie.header(table.tags[index], now, request.scheme == "https")
 
     def _operator_pin(self, route: CompiledRoute, request: RequestView) -> str | None:
         pinning = self.config.pinning
