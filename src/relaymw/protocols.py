@@ -267,7 +267,7 @@ _UPSTREAMS_MAX = 256
 class _UpstreamFacts:
     upstream: Upstream
     headers: dict[str, str]  # content-type and the upstream's own credentials
-    names: _ForwardNames  # the client header names forwarded to it
+    names: dict[bytes | str, str | None]  # _FORWARD_NAMES of its protocol
 
 
 def _upstream_facts(upstream: Upstream) -> _UpstreamFacts:
@@ -306,27 +306,27 @@ _FORWARD: dict[str, dict[bytes | str, str]] = {
 }
 
 
-class _ForwardNames(dict[bytes | str, str | None]):
-    """A protocol's client header name (bytes or str, in any case) -> the lower-case name it is
-    forwarded under, None when it is dropped: one lookup a header. Names are learnt as they
-    are seen, up to a bound, so a client inventing names cannot grow it; past the bound, names
-    not in it are worked out each time."""
-
-    def __init__(self, forwarded: dict[bytes | str, str]) -> None:
-        super().__init__(forwarded)
-        self.forwarded = forwarded
-
-    def __missing__(self, name: bytes | str) -> str | None:
-        key = None
-        if isinstance(name, str) and not name.islower():
-            key = self.forwarded.get(name.lower())
-        if len(self) < _FORWARD_NAMES_MAX:
-            self[name] = key
-        return key
-
-
+# Per protocol: a client header name (bytes or str, in any case) -> the lower-case name it is
+# forwarded under, None when it is dropped: one lookup a header. Plain dicts: a dict
+# subclass's ``[]`` goes through the generic slot path, several times slower than a dict's.
+# Names are learnt as they are seen (:func:`_forward_name`), up to a bound, so a client
+# inventing names cannot grow them; past the bound, names not in them are worked out each time.
+_FORWARD_NAMES: dict[str, dict[bytes | str, str | None]] = {
+    family: dict(names) for family, names in _FORWARD.items()
+}
 _FORWARD_NAMES_MAX = 1024
-_FORWARD_NAMES = {family: _ForwardNames(names) for family, names in _FORWARD.items()}
+
+
+def _forward_name(family: str, name: bytes | str) -> str | None:
+    """:data:`_FORWARD_NAMES` for a name not in it yet."""
+    key = None
+    if isinstance(name, str) and not name.islower():
+        key = _FORWARD[family].get(name.lower())
+    names = _FORWARD_NAMES[family]
+    if len(names) < _FORWARD_NAMES_MAX:
+        names[name] = key
+    return key
+
 
 # Not visible ASCII, space or tab: control characters (CR, LF, NUL) and non-ASCII text.
 _UNSENDABLE = re.compile(r"[^\t\x20-\x7e]")
@@ -364,7 +364,10 @@ def upstream_headers(
     out = facts.headers.copy()
     texts = _HEADER_TEXTS
     for name, value in client_headers:
-        key = names[name]
+        try:
+            key = names[name]
+        except KeyError:
+            key = _forward_name(upstream.protocol, name)
         if key is None:
             continue
         text = texts.get(value)
@@ -398,20 +401,19 @@ _RESPONSE_HEADERS: dict[str | bytes, bytes] = {
 }
 
 
-class _ResponseNames(dict[str | bytes, bytes | None]):
-    """Every name seen so far -> its lower-case bytes when passed, None when dropped: one
-    lookup a header. Bounded, so an upstream inventing names cannot grow it; past the bound,
-    names not in it are worked out each time."""
-
-    def __missing__(self, name: str | bytes) -> bytes | None:
-        raw = None if name.islower() else _RESPONSE_HEADERS.get(name.lower())
-        if len(self) < _RESPONSE_NAMES_MAX:
-            self[name] = raw
-        return raw
-
-
-_RESPONSE_NAMES = _ResponseNames(_RESPONSE_HEADERS)
+# Every upstream response header name seen so far -> its lower-case bytes when passed, None
+# when dropped: one lookup a header (a plain dict, as _FORWARD_NAMES). Bounded, so an upstream
+# inventing names cannot grow it; past the bound, names not in it are worked out each time.
+_RESPONSE_NAMES: dict[str | bytes, bytes | None] = dict(_RESPONSE_HEADERS)
 _RESPONSE_NAMES_MAX = 1024
+
+
+def _response_name(name: str | bytes) -> bytes | None:
+    """:data:`_RESPONSE_NAMES` for a name not in it yet."""
+    raw = None if name.islower() else _RESPONSE_HEADERS.get(name.lower())
+    if len(_RESPONSE_NAMES) < _RESPONSE_NAMES_MAX:
+        _RESPONSE_NAMES[name] = raw
+    return raw
 
 
 def response_headers(
@@ -421,7 +423,10 @@ def response_headers(
     out = []
     names = _RESPONSE_NAMES
     for name, value in headers:
-        raw = names[name]
+        try:
+            raw = names[name]
+        except KeyError:
+            raw = _response_name(name)
         if raw is not None:
             out.append((raw, value if isinstance(value, bytes) else value.encode("latin-1")))
     return out
@@ -577,6 +582,10 @@ _TRIGGERS: dict[str, tuple[bytes, ...]] = {
 # What ends an OpenAI-style stream (any kind not in _TRIGGERS).
 _OPENAI_TRIGGERS = (b"[DONE]",)
 _DONE_EVENT = b"data: [DONE]\n\n"
+_DONE_TAIL = b"\n\n" + _DONE_EVENT  # a stream's last event after the one before it
+# An event whose one line is a JSON object. Compared with a slice, not startswith(): a bytes
+# method with offsets costs several times as much as a short slice and ==.
+_DATA_OBJECT = b"data: {"
 _RESPONSES_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _ANTHROPIC_KEYS = (
     "input_tokens",
@@ -787,7 +796,7 @@ class StreamObserver:
                     if chunk[text_end + 1] != 0x0A:
                         text_end = chunk.find(b"\n\n", text_end)
                     obj = None
-                    if chunk.startswith(b"data: {", s):
+                    if chunk[s : s + 7] == _DATA_OBJECT:
                         try:
                             obj = orjson.loads(b"{" + chunk[at:text_end])
                         except orjson.JSONDecodeError:
@@ -808,7 +817,8 @@ class StreamObserver:
                     drops = self._scan_usage(chunk, 0, end, False)
                     if drops:
                         s, e = drops[0]
-                last_done = chunk.endswith(b"\n\ndata: [DONE]\n\n", 0, end)
+                # Shorter than the tail when end < 16: never equal, wherever the slice starts.
+                last_done = chunk[end - 16 : end] == _DONE_TAIL
                 if last_done:
                     self.done = True
                 elif not self.done:
@@ -982,7 +992,7 @@ class StreamObserver:
         them, else from the one compact ``"choices":[]`` before the key. Anything else is
         parsed whole: other spellings, and an event with more lines after the usage (they
         leave the tail no JSON). Lines before it leave the tail as a whole parse reads it."""
-        if data.startswith(b"data: {", s):
+        if data[s : s + 7] == _DATA_OBJECT:
             try:
                 obj = orjson.loads(b"{" + data[at:text_end])
             except orjson.JSONDecodeError:
