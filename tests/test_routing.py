@@ -404,6 +404,15 @@ def test_set_cookie_is_signed_once_per_second_then_renewed() -> None:
     assert CookieCodec("s3cret").decode("review", set_cookie_parts(first)[1], NOW + 601) is None
 
 
+@pytest.mark.parametrize("offset", [0.0, 0.25, 0.999, 1.0, 1.5, -0.5, 3600.0])
+def test_set_cookie_of_a_fractional_clock_names_its_whole_second(offset: float) -> None:
+    sticky, codec = sticky_for("s3cret"), CookieCodec("s3cret")
+    sticky.header("v1", NOW, secure=False)  # the cache holds NOW's second first
+    now = NOW + offset
+    value = set_cookie_parts(sticky.header("v1", now, secure=False))[1]
+    assert value == codec.encode("review", "v1", int(now) + 600)
+
+
 # --- Snapshot.choose ------------------------------------------------------------------------------
 
 DOC = """
@@ -760,3 +769,31 @@ def test_request_view_over_raw_asgi_headers() -> None:
 def test_forwarded_for_only_through_trusted_proxies(xff: str, trusted: int, ip: str) -> None:
     view = RequestView.build({"x-forwarded-for": xff}, "9.9.9.9", "http", trusted)
     assert view.client_ip == ip
+
+
+class _FixedRandom(random.Random):
+    """A ``random()`` that returns the value it was given."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    weights=st.lists(st.integers(0, 100), min_size=1, max_size=5).filter(any),
+    bucket=st.integers(0, 9999),
+    fraction=st.sampled_from([0.0, 1e-9, 0.5, 1 - 1e-9]),
+)
+def test_pick_index_lands_in_the_bucket_of_the_scaled_random_value(
+    weights: list[int], bucket: int, fraction: float
+) -> None:
+    # random() * 10000 falls in bucket int(x) + 1 (1..10000), and the rule whose cumulative
+    # end first reaches that bucket wins: the same rule as for_bucket.
+    table = RouteTable.build("a", [(f"v{i}", float(w)) for i, w in enumerate(weights)])
+    value = min((bucket + fraction) / 10000, 1 - 2**-53)
+    expected = table.for_bucket(int(value * 10000) + 1)
+    assert table.pick(_FixedRandom(value)) == expected
