@@ -186,10 +186,13 @@ def _relaymw_source() -> str:
         import relaymw
     except ImportError:
         return "not installed"
+    import relaymw.asgi
+
+    build = "pure Python" if relaymw.asgi.__file__.endswith(".py") else "compiled with mypyc"
     where = Path(relaymw.__file__).resolve().parent
     if where == HERE.parent / "src" / "relaymw":
-        return f"git {_git_revision()}"
-    return f"imported from {where}"
+        return f"git {_git_revision()}, {build}"
+    return f"imported from {where}, {build}"
 
 
 def load_average() -> str:

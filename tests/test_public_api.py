@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import relaymw
 import relaymw.signals
@@ -64,3 +66,27 @@ def test_core_imports_no_web_framework() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def compiled_modules() -> list[str]:
+    """The modules pyproject.toml has the mypyc build compile."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    with open(Path(__file__).parents[1] / "pyproject.toml", "rb") as f:
+        hook = tomllib.load(f)["tool"]["hatch"]["build"]["targets"]["wheel"]["hooks"]["mypyc"]
+    return [Path(path).stem for path in hook["include"]]
+
+
+def test_hot_path_is_compiled_exactly_when_expected() -> None:
+    """``tox -e compiled`` (RELAYMW_EXPECT_COMPILED=1) must import the mypyc build, and every
+    other run the sources: a compiled module left in src/ by a build would shadow them."""
+    import importlib
+
+    expect = os.environ.get("RELAYMW_EXPECT_COMPILED") == "1"
+    modules = {name: importlib.import_module(f"relaymw.{name}") for name in compiled_modules()}
+    files = {name: module.__file__ or "" for name, module in modules.items()}
+    assert len(files) >= 4
+    wrong = {n: f for n, f in files.items() if f.endswith(".py") == expect}
+    assert not wrong, f"expected {'compiled' if expect else 'source'} modules: {wrong}"

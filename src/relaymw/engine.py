@@ -463,22 +463,32 @@ class Relay:
             document = change(copy.deepcopy(before))
             build_config(document)  # raises ConfigError before anything is written
             with self._write_lock:
-                try:
-                    revision = self.store.save(document, expected_revision=raw.revision)
-                except StoreConflictError:
-                    continue
-                entries = changes_between(
-                    before, document, actor=actor, action=action, revision=revision
-                )
-                for entry in entries:
-                    try:
-                        self.journal.append_change(entry)
-                    except StoreError as exc:  # the change stands; say its record is missing
-                        log.warning("relaymw: could not record a change in the change log: %s", exc)
-                # Read back rather than trust our copy: another writer may have followed.
-                self.apply_document(self.store.load(), actor)
-            return self._snapshot
+                revision = self._save_unless_conflict(document, raw.revision)
+                if revision is not None:
+                    entries = changes_between(
+                        before, document, actor=actor, action=action, revision=revision
+                    )
+                    for entry in entries:
+                        try:
+                            self.journal.append_change(entry)
+                        except StoreError as exc:  # the change stands; say its record is missing
+                            log.warning(
+                                "relaymw: could not record a change in the change log: %s", exc
+                            )
+                    # Read back rather than trust our copy: another writer may have followed.
+                    self.apply_document(self.store.load(), actor)
+            if revision is not None:
+                return self._snapshot
         raise StoreConflictError("the configuration kept changing while writing; try again")
+
+    def _save_unless_conflict(self, document: dict[str, Any], expected: str) -> str | None:
+        """The new revision, or None when another writer saved first (the caller retries;
+        not a ``continue`` inside the lock's ``with``, which mypyc cannot compile)."""
+        assert self.store is not None
+        try:
+            return self.store.save(document, expected_revision=expected)
+        except StoreConflictError:
+            return None
 
     def changes(self, limit: int = 100) -> list[dict[str, Any]]:
         """The change log, newest first: who changed what, when, before and after."""

@@ -298,7 +298,11 @@ class MetricsRegistry:
             lock.release()
 
     def record_signal(self, sender: object, **event: Any) -> None:
-        """A ``signals.request_finished`` receiver; events without a version are skipped."""
+        """A ``signals.request_finished`` receiver; events without a version are skipped.
+
+        Connect it with ``weak=False`` and keep the object you connected to disconnect it: in
+        the compiled build each ``registry.record_signal`` is a new builtin method, which
+        blinker's weak reference would let go of at once and cannot find again by identity."""
         if event.get("route") is not None and event.get("version") is not None:
             self.record(
                 event["route"], event["version"], event["status"], event["latency_ms"],
@@ -381,20 +385,21 @@ class RedisMetricsPublisher:
         self._sent: dict[tuple[str, str, int], dict[int, int]] = {}  # what Redis has from us
         self._lock = threading.Lock()  # one publish or merge at a time
         self._stop, self.interval_seconds = threading.Event(), interval_seconds
-        self._thread: threading.Thread | None = None
+        # Not "_thread": mypyc would name the C field after it, and __thread is a C keyword.
+        self._worker: threading.Thread | None = None
         registry.publisher = self
 
     def start(self) -> RedisMetricsPublisher:
         """Publish every ``interval_seconds`` from a daemon thread."""
-        self._thread = threading.Thread(target=self._run, name="relaymw-metrics", daemon=True)
-        self._thread.start()
+        self._worker = threading.Thread(target=self._run, name="relaymw-metrics", daemon=True)
+        self._worker.start()
         return self
 
     def stop(self) -> None:
         """Stop the thread and publish what is left (best effort)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        if self._worker is not None:
+            self._worker.join(5)
         self.flush()
 
     def _run(self) -> None:
