@@ -186,9 +186,9 @@ def _relaymw_source() -> str:
         import relaymw
     except ImportError:
         return "not installed"
-    import relaymw.asgi
+    import relaymw.engine
 
-    build = "pure Python" if relaymw.asgi.__file__.endswith(".py") else "compiled with mypyc"
+    build = "pure Python" if relaymw.engine.__file__.endswith(".py") else "core compiled with mypyc"
     where = Path(relaymw.__file__).resolve().parent
     if where == HERE.parent / "src" / "relaymw":
         return f"git {_git_revision()}, {build}"
