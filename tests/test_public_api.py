@@ -90,3 +90,17 @@ def test_hot_path_is_compiled_exactly_when_expected() -> None:
     assert len(files) >= 4
     wrong = {n: f for n, f in files.items() if f.endswith(".py") == expect}
     assert not wrong, f"expected {'compiled' if expect else 'source'} modules: {wrong}"
+
+
+def test_imports_and_relays_without_the_redis_extra() -> None:
+    """``pip install relaymw`` without ``[redis]``: redis-py is imported only for a redis://
+    storage, so the package, its adapters and a relay on the default config all load."""
+    code = (
+        "import sys; sys.modules['redis'] = None; sys.modules['hiredis'] = None;"
+        "import relaymw, relaymw.asgi, relaymw.wsgi, relaymw.limiting, relaymw.budgets;"
+        "relay = relaymw.Relay(health=False, watch=False);"
+        "print(sorted(relay.snapshot.routes))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("[") and out.stdout.strip() != "[]", out.stdout

@@ -32,7 +32,6 @@ import attrs
 from relaymw import signals
 from relaymw.config import Budget
 from relaymw.errors import RequestRejected
-from relaymw.redis_pipeline import pipelined_client
 
 __all__ = ["BudgetLedger", "BudgetScopes", "Reservation", "identity_scope"]
 
@@ -237,6 +236,8 @@ class BudgetLedger:
         self._counters: dict[tuple[str, str | None, str | None], Any] = {}  # _Counters | None
         if self._redis:  # no connection is made yet
             import redis.asyncio  # an optional dependency: imported for redis:// storage only
+
+            from relaymw.redis_pipeline import pipelined_client
 
             # Unreachable (fail open or closed); any other error is a bug or misconfiguration.
             self._errors = (OSError, redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)

@@ -43,7 +43,6 @@ from limits.util import WindowStats
 from relaymw import signals
 from relaymw.config import RateLimiting, Route, Version
 from relaymw.errors import ConfigError, ConfigIssue, RequestRejected
-from relaymw.redis_pipeline import PipelinedRedis, pipelined_client
 from relaymw.snapshot import KeyFunction, RequestView
 
 __all__ = ["RateLimiter", "StorageFactory", "make_storage", "redact_uri"]
@@ -70,6 +69,8 @@ def make_storage(
     instead (shared with the budgets' when they use the same server)."""
     scheme = uri.partition("://")[0]
     if scheme in ("async+redis", "async+redis+unix"):
+        from relaymw.redis_pipeline import pipelined_client  # redis is an optional dependency
+
         url = uri.removeprefix("async+").replace("redis+unix", "unix", 1)
         if (client := pipelined_client(url, timeout=timeout)) is not None:
             storage = storage_from_string(
@@ -409,8 +410,10 @@ class RateLimiter:
         if self._loop is not (loop := asyncio.get_running_loop()):  # connections are per loop
             for backend in self._tables[True].values():
                 client = getattr(getattr(backend.storage, "bridge", 0), "storage", 0)
-                if isinstance(client, PipelinedRedis):  # its connection is the old loop's
-                    client.detach()
+                # A PipelinedRedis (not imported here: redis is optional): its connection is
+                # the old loop's.
+                if callable(detach := getattr(client, "detach", None)):
+                    detach()
             self._tables[True], self._loop = {}, loop
 
 
