@@ -55,6 +55,13 @@ def test_every_spec_signal_exists() -> None:
         assert hasattr(getattr(relaymw.signals, name), "connect")
 
 
+def python_ok(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` run in a fresh interpreter, which must exit 0."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
 def test_core_imports_no_web_framework() -> None:
     """The core and both adapters load without any web framework (or aiohttp's server)."""
     code = (
@@ -64,8 +71,7 @@ def test_core_imports_no_web_framework() -> None:
         " or m == 'aiohttp.web'];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    python_ok(code)
 
 
 def compiled_modules() -> list[str]:
@@ -101,6 +107,5 @@ def test_imports_and_relays_without_the_redis_extra() -> None:
         "relay = relaymw.Relay(health=False, watch=False);"
         "print(sorted(relay.snapshot.routes))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = python_ok(code)
     assert out.stdout.startswith("[") and out.stdout.strip() != "[]", out.stdout
