@@ -181,13 +181,12 @@ def machine_line() -> str:
 
 
 def _relaymw_source() -> str:
-    """The checkout's git revision, or where relaymw was imported from when not from it."""
+    """The checkout's git revision, or where relaymw was imported from when not from it, and
+    which build it is."""
     try:
-        import relaymw
+        import relaymw.engine  # the first module the mypyc build compiles
     except ImportError:
         return "not installed"
-    import relaymw.engine
-
     build = "pure Python" if relaymw.engine.__file__.endswith(".py") else "core compiled with mypyc"
     where = Path(relaymw.__file__).resolve().parent
     if where == HERE.parent / "src" / "relaymw":
