@@ -157,7 +157,9 @@ class _Translated:
         timed_out = isinstance(exc, _TIMEOUTS)
         cls = UpstreamTimeout if timed_out else UpstreamConnectionError
         what = "timed out" if timed_out else "failed"
-        return cls(f"upstream {self._where} {what} {self._phase} ({type(exc).__name__})")
+        error = cls(f"upstream {self._where} {what} {self._phase} ({type(exc).__name__})")
+        error.__cause__ = exc  # compiled with mypyc, `raise ... from exc` does not set it
+        return error
 
 
 class _ClientBase:
@@ -201,11 +203,29 @@ class _AsyncResponseBase(_ResponseBase):
     async def read_chunk(self, on_wait: Callable[[], object] | None = None) -> bytes:
         raise NotImplementedError
 
-    async def aiter_chunks(self) -> AsyncIterator[bytes]:
+    def aiter_chunks(self) -> AsyncIterator[bytes]:
         # The relay itself calls read_chunk: an async generator costs more per response
         # (the event loop registers and finalizes each one).
-        while chunk := await self.read_chunk():
-            yield chunk
+        return _Chunks(self)
+
+
+class _Chunks:
+    """The iterator of :meth:`_AsyncResponseBase.aiter_chunks`: a class, not an async
+    generator, because mypyc does not compile async generators."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: _AsyncResponseBase) -> None:
+        self._response = response
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._response.read_chunk()
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
 
 
 # Background close tasks must be referenced until done, or they can be garbage-collected.
