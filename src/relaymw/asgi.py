@@ -170,6 +170,10 @@ class RelayMiddleware:
         usage: Usage | None = None
         error: str | None = None
         output = 0
+        # The cleanup below is no `finally`: compiled with mypyc, a `finally` that awaits
+        # re-raises whatever sys.exc_info() holds as it ends, and a compiled caller's `await`
+        # holds there each exception thrown into this coroutine, even one handled here.
+        failed: BaseException | None = None
         try:
             headers = exchange.response_headers(response.raw_headers)
             if exchange.stream and status == 200 and is_event_stream(headers):
@@ -193,39 +197,47 @@ class RelayMiddleware:
                 if error == "upstream_truncated":
                     relay.upstream_failed(choice, status, error)
             else:
+                # No `return` once answered: the cleanup below has to run.
+                rejection: RequestRejected | None = None
                 try:
                     data = await response.read()
                 except UpstreamError as exc:  # nothing sent yet: answer as for a failed call
-                    rejected = upstream_rejection(exc)
-                    status, error = rejected.status, rejected.code
+                    rejection = upstream_rejection(exc)
+                    status, error = rejection.status, rejection.code
                     relay.upstream_failed(choice, None, error)
-                    await _send_rejection(send, endpoint, rejected, exchange.set_cookie)
-                    return
-                if 200 <= status < 300:
-                    usage = usage_of_body(endpoint, data)
-                    if usage is None and (invalid := invalid_body(data)) is not None:
-                        relay.upstream_failed(choice, status, invalid.code)
-                        status, error = invalid.status, invalid.code
-                        await _send_rejection(send, endpoint, invalid, exchange.set_cookie)
-                        return
-                    output = estimate_completion_tokens(data) if usage is None else 0
                 else:
-                    relay.upstream_failed(choice, status, "upstream_error")
-                headers.append((b"content-length", str(len(data)).encode()))
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": data})
+                    if 200 <= status < 300:
+                        usage = usage_of_body(endpoint, data)
+                        if usage is None and (rejection := invalid_body(data)) is not None:
+                            relay.upstream_failed(choice, status, rejection.code)
+                            status, error = rejection.status, rejection.code
+                        else:
+                            output = estimate_completion_tokens(data) if usage is None else 0
+                    else:
+                        relay.upstream_failed(choice, status, "upstream_error")
+                if rejection is not None:
+                    await _send_rejection(send, endpoint, rejection, exchange.set_cookie)
+                else:
+                    headers.append((b"content-length", str(len(data)).encode()))
+                    await send(
+                        {"type": "http.response.start", "status": status, "headers": headers}
+                    )
+                    await send({"type": "http.response.body", "body": data})
         except UpstreamError as exc:  # a stream broke after it started
             error = upstream_rejection(exc).code
             status = 502 if isinstance(exc, UpstreamConnectionError) else 504
             relay.upstream_failed(choice, None, error)
         except OSError:  # uvicorn raises ClientDisconnected (an OSError) on send
             error = "client_disconnected"
-        finally:
-            if not response.closed:  # read to the end, it is: no coroutine to close it
-                await response.aclose()
-            exchange.finish(status, usage, error, output)
-            if exchange.admission is not None:  # nothing to settle otherwise
-                await relay.asettle(exchange)
+        except BaseException as exc:  # re-raised after the cleanup
+            failed = exc
+        if not response.closed:  # read to the end, it is: no coroutine to close it
+            await response.aclose()
+        exchange.finish(status, usage, error, output)
+        if exchange.admission is not None:  # nothing to settle otherwise
+            await relay.asettle(exchange)
+        if failed is not None:
+            raise failed
 
 
 async def _stream(
@@ -246,6 +258,9 @@ async def _stream(
     ready, read = response.read_ready, response.read_chunk
     try:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        # A broken upstream is re-raised after the last await, out of the handler: compiled
+        # with mypyc, a bare `raise` after an await in a handler can raise another task's error.
+        failed: UpstreamError | None = None
         try:
             while True:
                 chunk = ready()  # no coroutine for what has already arrived
@@ -268,14 +283,13 @@ async def _stream(
                     await send({"type": "http.response.body", "body": tail})
                     exchange.relay.stream_cut(choice, exchange)
                     return None
-        except UpstreamError:
-            if watch is not None and watch.disconnected:
-                return "client_disconnected"
-            await send({"type": "http.response.body", "body": observer.finish()})
-            raise
+        except UpstreamError as exc:
+            failed = exc
         if watch is not None and watch.disconnected:
             return "client_disconnected"
         await send({"type": "http.response.body", "body": observer.finish()})
+        if failed is not None:
+            raise failed
         return None if observer.done else "upstream_truncated"
     finally:
         if watch is not None:

@@ -388,24 +388,37 @@ class _HttpxAsyncResponse(_AsyncResponseBase):
             on_wait()
         if self._chunks is None:
             self._chunks = self._resp.aiter_bytes()
+        # The error is raised after the await, out of the handler: compiled with mypyc, a bare
+        # `raise` after an await in a handler can raise another task's exception.
+        chunk = b""
+        failed: UpstreamError | None = None
         try:
             with self._owner._reading:
                 chunk = await self._chunks.__anext__()  # never b"": httpx skips empty ones
         except StopAsyncIteration:
-            chunk = b""
-        except UpstreamError:
-            await self.aclose()
-            raise
+            pass
+        except UpstreamError as exc:
+            failed = exc
         if not chunk:
             await self.aclose()
+        if failed is not None:
+            raise failed
         return chunk
 
     async def read(self) -> bytes:
+        # Not `finally: await ...`: compiled with mypyc, such a `finally` re-raises whatever
+        # exception sys.exc_info() holds when it ends (one this coroutine handled, even).
+        data = b""
+        failed: BaseException | None = None
         try:
             with self._owner._reading:
-                return await self._resp.aread()
-        finally:
-            await self.aclose()
+                data = await self._resp.aread()
+        except BaseException as exc:
+            failed = exc
+        await self.aclose()
+        if failed is not None:
+            raise failed
+        return data
 
     async def aclose(self) -> None:
         if not self.closed:
