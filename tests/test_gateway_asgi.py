@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -324,6 +325,50 @@ def test_client_disconnect_closes_upstream_and_records_once(
     time.sleep(0.3)  # nothing more may arrive
     assert len(finished.events) == 1
     assert events[0]["error"] == "client_disconnected" and events[0]["stream"] is True
+
+
+def test_stream_cut_while_waiting_for_the_upstream(fake_llm: FakeLLM, finished: Recorder) -> None:
+    """The upstream drops a stream while the relay waits for its next chunk, so the error is
+    thrown into the waiting coroutine: the stream ends, the request is recorded as failed,
+    and the middleware returns. (Compiled with mypyc, a ``finally`` that awaited re-raised
+    that handled error from the middleware, and uvicorn dropped the connection.)"""
+    fake_llm.set("*", fault="truncate", chunk_delay_ms=20)
+    relay = Relay(relay_document(fake_llm.base_url))
+    body = json.dumps(
+        {"model": "chat-production", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    ).encode()
+    scope = {
+        "type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
+        "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 5000),
+        "scheme": "http",
+    }  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(60)  # the client stays: the relay's watcher waits here
+        raise AssertionError("the watcher was not stopped")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def app_not_called(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the relay did not take the request")
+
+    async def run() -> None:
+        try:
+            await RelayMiddleware(app_not_called, relay=relay)(scope, receive, send)
+        finally:
+            await relay.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        relay.close()
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert sent[-1]["type"] == "http.response.body" and not sent[-1].get("more_body")
+    assert [e["error"] for e in finished.wait_for(1)] == ["upstream_unreachable"]
 
 
 def test_in_app_mode_chooses_before_the_handler_and_meters(server: str, finished: Recorder) -> None:
