@@ -18,8 +18,12 @@ httptools, in its own process pinned to CPU 1; it reports its own CPU use so it 
 not to be the bottleneck. Each cell (target, mode, concurrency) gets fresh connections and a
 warm-up, then a measurement window: req/s, full latency p50/p99, time to first response byte
 (TTFB), and the CPU time (utime + stime from ``/proc/PID/stat``) of the relay and FakeLLM
-processes per request. Cells are shuffled in each repetition; the tables show medians over
-repetitions. The machinery is ``bench/common.py``, shared with ``bench_sidebyside.py``.
+processes per request. Cells are shuffled in each repetition, but the two cells a target
+compares (relaymw and the bare relay, the passthrough app with and without relaymw) run back
+to back; the tables show medians over repetitions, and the targets are judged on paired
+ratios: the median over repetitions of each back-to-back pair's ratio. Seven repetitions of
+short windows, rather than three long ones, give the medians more pairs to work with. The
+machinery is ``bench/common.py``, shared with ``bench_sidebyside.py``.
 
 Run: ``python bench/bench_relay.py`` (about 5 minutes; ``--quick`` about 1 minute, or
 ``RELAYMW_BENCH_QUICK=1`` through ``python bench/run.py relay``). The full run writes
@@ -46,10 +50,12 @@ from common import (  # noqa: E402
     MAX_OTHER_PCT,
     Bench,
     Cell,
+    Sample,
     Target,
     command_options,
     fmt,
     measure,
+    paired_ratio,
     parse_run_args,
     plan_cells,
     ratio,
@@ -69,6 +75,7 @@ MIN_RPS_RATIO = 0.8
 MAX_P50_RATIO = 1.3
 MIN_PASSTHROUGH_RATIO = 0.97
 RERUN_BUDGET = 0.3
+REPS = 7  # short windows, many pairs: see the module's docstring
 
 CHAT = "/v1/chat/completions"
 BOTH = ("json", "stream")
@@ -114,46 +121,58 @@ def table(cells: Sequence[Cell], results: dict[Cell, dict[str, float | None]]) -
     return lines
 
 
+COMPARED = {"relaymw": "bare-aiohttp", "passthrough-relaymw": "passthrough-app"}
+
+
+def pair_block(cell: Cell) -> tuple[str, str, int]:
+    """Cells a verdict compares share a block: they run back to back in each repetition."""
+    target, mode, c = cell
+    return (COMPARED.get(target, target), mode, c)
+
+
 def verdicts(
-    modes: Sequence[str], levels: Sequence[int], results: dict[Cell, dict[str, float | None]]
+    modes: Sequence[str],
+    levels: Sequence[int],
+    results: dict[Cell, dict[str, float | None]],
+    samples: dict[Cell, list[Sample]],
 ) -> tuple[list[str], bool]:
+    """The targets, judged on paired ratios (:func:`paired_ratio`); the ratio of the medians
+    is shown beside them."""
     lines = [
-        "| comparison | mode | c | value | target | verdict |",
-        "|---|---|--:|--:|---|---|",
+        "| comparison | mode | c | paired ratio | ratio of medians | target | verdict |",
+        "|---|---|--:|--:|--:|---|---|",
     ]
     all_met = True
 
-    def row(name: str, mode: str, c: int, value: float | None, goal: str, met: bool) -> None:
+    def row(
+        name: str, cells: tuple[Cell, Cell], field: str, goal: float, higher: bool, note: str = ""
+    ) -> None:
         nonlocal all_met
+        measured, base = cells
+        if measured not in samples or base not in samples:
+            return
+        value = paired_ratio(samples[measured], samples[base], field)
+        missing = 0.0 if higher else float("inf")
+        plain = ratio(results[measured][field], results[base][field], missing)
+        met = value is not None and (value >= goal if higher else value <= goal)
         all_met = all_met and met
-        verdict = "met" if met else "NOT met"
-        lines.append(f"| {name} | {mode} | {c} | {fmt(value, 3)} | {goal} | {verdict} |")
+        _, mode, c = measured
+        lines.append(
+            f"| {name} | {mode} | {c} | {fmt(value, 3)} | {fmt(plain, 3)} "
+            f"| {'≥' if higher else '≤'} {goal}{note} | {'met' if met else 'NOT met'} |"
+        )
 
     for mode in modes:
         for c in levels:
-            relay = results.get(("relaymw", mode, c))
-            bare = results.get(("bare-aiohttp", mode, c))
-            if relay is None or bare is None:
-                continue
-            rps = ratio(relay["rps"], bare["rps"])
-            p50 = ratio(relay["p50"], bare["p50"], float("inf"))
-            row("relaymw / bare req/s", mode, c, rps, f"≥ {MIN_RPS_RATIO}", rps >= MIN_RPS_RATIO)
-            row("relaymw / bare p50", mode, c, p50, f"≤ {MAX_P50_RATIO}", p50 <= MAX_P50_RATIO)
+            pair = (("relaymw", mode, c), ("bare-aiohttp", mode, c))
+            row("relaymw / bare req/s", pair, "rps", MIN_RPS_RATIO, higher=True)
+            row("relaymw / bare p50", pair, "p50", MAX_P50_RATIO, higher=False)
     for c in levels:
-        app = results.get(("passthrough-app", "json", c))
-        mw = results.get(("passthrough-relaymw", "json", c))
-        if app is None or mw is None:
-            continue
-        value = ratio(mw["rps"], app["rps"])
-        goal = f"≥ {MIN_PASSTHROUGH_RATIO} (≤ 3% slower)"
+        pair = (("passthrough-relaymw", "json", c), ("passthrough-app", "json", c))
         row(
-            "passthrough relaymw / app req/s",
-            "json",
-            c,
-            value,
-            goal,
-            value >= MIN_PASSTHROUGH_RATIO,
-        )
+            "passthrough relaymw / app req/s", pair, "rps", MIN_PASSTHROUGH_RATIO, higher=True,
+            note=" (≤ 3% slower)",
+        )  # fmt: skip
     return lines, all_met
 
 
@@ -184,15 +203,17 @@ def extra_cpu_lines(
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = run_options("python bench/bench_relay.py", __doc__.split("\n\n")[0], [16, 64], TARGETS)
+    parser = run_options(
+        "python bench/bench_relay.py", __doc__.split("\n\n")[0], [16, 64], TARGETS, reps=REPS
+    )
     return parse_run_args(parser, argv)
 
 
 def benchmark(args: argparse.Namespace) -> bool:
     quick = args.quick
-    reps = args.reps or (1 if quick else 3)
-    warmup = args.warmup if args.warmup is not None else (0.5 if quick else 1.0)
-    duration = args.duration if args.duration is not None else (2.0 if quick else 4.0)
+    reps = args.reps or (1 if quick else REPS)
+    warmup = args.warmup if args.warmup is not None else 0.5
+    duration = args.duration if args.duration is not None else 2.0
     levels: list[int] = args.concurrency
     modes = [m for m in args.modes.split(",") if m]
     wanted = set(args.targets.split(","))
@@ -211,7 +232,8 @@ def benchmark(args: argparse.Namespace) -> bool:
     )
     print(
         f"{len(cells)} cells x {reps} repetition(s), {warmup:g} s warm-up + {duration:g} s "
-        f"measured each, cells shuffled per repetition (seed {seed}); medians reported"
+        f"measured each, cells shuffled per repetition, compared pairs back to back (seed "
+        f"{seed}); medians and paired ratios reported"
     )
     with tempfile.TemporaryDirectory(prefix="relaymw-bench-") as logdir:
         samples, retries = measure(
@@ -223,12 +245,13 @@ def benchmark(args: argparse.Namespace) -> bool:
             duration,
             seed,
             RERUN_BUDGET,
+            block=pair_block,
         )
 
     results = {cell: summarize(samples[cell]) for cell in cells}
     ordered = sorted(cells, key=lambda cl: (cl[1], cl[2], [t.name for t in TARGETS].index(cl[0])))
     rows = table(ordered, results)
-    checks, all_met = verdicts(modes, levels, results)
+    checks, all_met = verdicts(modes, levels, results, samples)
     extra = extra_cpu_lines(modes, levels, results)
     notes = run_notes(results, retries)
     print()
@@ -244,8 +267,8 @@ def benchmark(args: argparse.Namespace) -> bool:
             command=command,
             machine=machine_line(),
             setup=(
-                f"{reps} repetition(s) of {len(cells)} shuffled cells, {warmup:g} s warm-up + "
-                f"{duration:g} s measured per cell, seed {seed}"
+                f"{reps} repetition(s) of {len(cells)} shuffled cells (compared pairs back to "
+                f"back), {warmup:g} s warm-up + {duration:g} s measured per cell, seed {seed}"
                 + ("; servers on CPU 0, load generator on CPU 1" if pinned else "; NOT pinned")
                 + (f"; benchmark processes at nice -{args.nice}" if args.nice else "")
             ),
@@ -277,7 +300,10 @@ Setup: {setup}. FakeLLM (aiohttp server, {CHUNKS} streamed chunks, no delay) and
 server each run as their own process; the relay targets share CPU 0 with FakeLLM, so their
 req/s is that of the pair. Closed-loop load: c keep-alive connections, one request in flight
 on each. Figures are medians over repetitions; "± %" is half the req/s range over the
-repetitions relative to the median. CPU per request is utime + stime of the process
+repetitions relative to the median. A virtual machine's speed can swing by half for a second
+or more, so the verdicts use paired ratios: in each repetition the two cells a ratio compares
+run back to back, and the ratio is the median over repetitions of each pair's ratio (the
+ratio of the medians is shown beside it). CPU per request is utime + stime of the process
 (`/proc/PID/stat`) over the window ÷ requests completed in it. TTFB is the time to the first
 response byte (FakeLLM sends its stream in one write, so TTFB is close to the full latency).
 "other CPU % (0 / 1)" is the busy time of CPU 0 not used by our servers and of CPU 1 not used

@@ -54,10 +54,12 @@ from common import (  # noqa: E402
     USERS,
     Bench,
     Cell,
+    Sample,
     Target,
     command_options,
     fmt,
     measure,
+    paired_ratio,
     parse_run_args,
     plan_cells,
     ratio,
@@ -124,6 +126,14 @@ COMPARISONS = (  # (measured, baseline, what it shows)
 )
 
 Results = Mapping[Cell, Mapping[str, float | None]]
+Samples = Mapping[Cell, Sequence[Sample]]
+COMPARED = {measured: base for measured, base, _ in COMPARISONS}
+
+
+def pair_block(cell: Cell) -> tuple[str, str, int]:
+    """A comparison's cells share a block: they run back to back in each repetition."""
+    target, mode, c = cell
+    return (COMPARED.get(target, target), mode, c)
 
 
 # --------------------------------------------------------------------------- report
@@ -159,20 +169,25 @@ def table(mode: str, levels: Sequence[int], names: Sequence[str], results: Resul
     return lines
 
 
-def comparisons(modes: Sequence[str], levels: Sequence[int], results: Results) -> list[str]:
+def comparisons(
+    modes: Sequence[str], levels: Sequence[int], results: Results, samples: Samples
+) -> list[str]:
+    """Paired ratios (:func:`paired_ratio`: the median of each repetition's back-to-back
+    pair), judged against the targets."""
     lines = [
-        "| comparison | mode | c | req/s ratio | p50 ratio | server CPU µs/req added "
-        "| target | verdict |",
+        "| comparison | mode | c | req/s ratio (paired) | p50 ratio (paired) "
+        "| server CPU µs/req added | target | verdict |",
         "|---|---|--:|--:|--:|--:|---|---|",
     ]
     for measured, base, label in COMPARISONS:
         for mode in modes:
             for c in levels:
-                r, b = results.get((measured, mode, c)), results.get((base, mode, c))
+                cell, base_cell = (measured, mode, c), (base, mode, c)
+                r, b = results.get(cell), results.get(base_cell)
                 if r is None or b is None:
                     continue
-                rps = ratio(r["rps"], b["rps"])
-                p50 = ratio(r["p50"], b["p50"], float("inf"))
+                rps = paired_ratio(samples[cell], samples[base_cell], "rps") or 0.0
+                p50 = paired_ratio(samples[cell], samples[base_cell], "p50") or float("inf")
                 cpu = None
                 if r["relay_us"] is not None and b["relay_us"] is not None:
                     cpu = r["relay_us"] - b["relay_us"]
@@ -199,7 +214,8 @@ def describe_setup(
     reps: int, cells: int, warmup: float, duration: float, seed: int, pinned: bool, storage: str
 ) -> str:
     return (
-        f"{reps} repetition(s) of {cells} cells, shuffled in each repetition (seed {seed}); "
+        f"{reps} repetition(s) of {cells} cells, shuffled in each repetition with the cells "
+        f"of a comparison back to back (seed {seed}); "
         f"{warmup:g} s warm-up + {duration:g} s measured per cell; "
         + ("servers on CPU 0, load generator on CPU 1" if pinned else "NOT pinned")
         + f"; guards' storage {storage}"
@@ -208,7 +224,7 @@ def describe_setup(
 
 def markdown(
     command: str, setup: str, modes: Sequence[str], levels: Sequence[int], results: Results,
-    notes: Sequence[str],
+    samples: Samples, notes: Sequence[str],
 ) -> str:  # fmt: skip
     names = [t.name for t in TARGETS]
     titles = {"json": "JSON", "stream": f"Streaming ({CHUNKS} SSE chunks per answer)"}
@@ -224,17 +240,17 @@ Machine: {machine_line()}
 
 Run: {setup}.
 
-How to read it: closed-loop load, c keep-alive connections with one request in flight on
-each, cycling over {USERS:,} users (an `x-user-id` and an API key each). FakeLLM and the
-measured server share CPU 0, so a relay's req/s is that of the pair. Figures are medians over
-the repetitions; "± %" is half the req/s range over them, relative to the median; "vs
-baseline" is req/s over `{BASELINE}`'s (for `app+relaymw`: over `app`'s) in the same mode and
-c. CPU per request is utime + stime (`/proc/PID/stat`) over the window ÷ requests completed
-in it (at c = 1 a process's background work, timers and the health check, is shared by fewer
-requests); Redis is not pinned. TTFB is the time to the first response byte. "other CPU %" is
-the busy time of CPU 0 not used by our servers and of CPU 1 not used by the load generator
-or Redis, the worst over the repetitions (a sample over {MAX_OTHER_PCT:g}% is re-run and the
-cleanest attempt kept): trust ratios where it is low.
+How to read it: closed-loop load, c keep-alive connections with one request in flight on each,
+cycling over {USERS:,} users (an `x-user-id` and an API key each). FakeLLM and the measured
+server share CPU 0, so a relay's req/s is that of the pair. Figures are medians over the
+repetitions; "± %" is half the req/s range over them, relative to the median; "vs baseline" (a
+ratio of medians) is req/s over `{BASELINE}`'s (for `app+relaymw`: over `app`'s) in the same
+mode and c. CPU per request is utime + stime (`/proc/PID/stat`) over the window ÷ requests
+completed in it (at c = 1 a process's background work, timers and the health check, is shared
+by fewer requests); Redis is not pinned. TTFB is the time to the first response byte. "other
+CPU %" is the busy time of CPU 0 not used by our servers and of CPU 1 not used by the load
+generator or Redis, the worst over the repetitions (a sample over {MAX_OTHER_PCT:g}% is re-run
+and the cleanest attempt kept): trust ratios where it is low.
 
 Targets: `direct` = load → FakeLLM; `bare-aiohttp` / `bare-httpx` = minimal pure-ASGI relay
 on one shared aiohttp.ClientSession / httpx.AsyncClient (httpx's default pool: 100
@@ -251,7 +267,11 @@ under RelayMiddleware (same configuration; passthrough requests).
 
 ### Ratios
 
-{chr(10).join(comparisons(modes, levels, results))}
+Each ratio is paired: in every repetition the two cells it compares ran back to back, and
+the ratio is the median over repetitions of those pairs' ratios (a virtual machine's speed
+can swing by half for a second or more; a pair measured seconds apart meets the same spell).
+
+{chr(10).join(comparisons(modes, levels, results, samples))}
 
 {chr(10).join(f"- {note}" for note in notes)}
 """
@@ -337,6 +357,7 @@ def benchmark(args: argparse.Namespace) -> None:
             samples, retries = measure(
                 bench, targets, cells, reps, warmup, duration, seed, RERUN_BUDGET,
                 on_ready=lambda bench: verify_everything_on(bench, args.storage, prefix),
+                block=pair_block,
             )  # fmt: skip
     finally:
         remove_keys(args.storage, prefix)
@@ -346,7 +367,7 @@ def benchmark(args: argparse.Namespace) -> None:
         f"wall time {(time.monotonic() - started) / 60:.1f} min",
     ]
     shown = [m for m in ("json", "stream") if any(cell[1] == m for cell in cells)]
-    text = markdown(command, setup, shown, levels, results, notes)
+    text = markdown(command, setup, shown, levels, results, samples, notes)
     print()
     print(text)
     if args.output not in (None, "-"):

@@ -3,8 +3,9 @@
 A run starts FakeLLM and the apps under test (``bench/servers.py``), each its own process
 pinned to CPU 0, and the closed-loop load generator (``bench/loadgen.py``) pinned to CPU 1.
 A *cell* (target, mode, concurrency) gets fresh connections, a warm-up, then a measurement
-window; :func:`measure` runs every cell ``reps`` times, shuffled in each repetition, and
-re-runs a cell during which other processes took one of our CPUs. ``bench_relay.py``,
+window; :func:`measure` runs every cell ``reps`` times, shuffled in each repetition (the cells
+a ratio compares back to back), and re-runs a cell during which other processes took one of
+our CPUs; :func:`paired_ratio` reads a ratio off the repetitions pair by pair. ``bench_relay.py``,
 ``bench_sidebyside.py`` and ``soak.py`` are built on it; ``bench/machine.py`` reads the
 machine. The ``*_instructions.py`` scripts count instructions with
 :func:`callgrind_instructions` instead.
@@ -26,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
@@ -391,8 +392,12 @@ def measure(
     seed: int,
     rerun_budget: float = 0.3,
     on_ready: Callable[[Bench], None] | None = None,
+    block: Callable[[Cell], Hashable] = lambda cell: cell,
 ) -> tuple[dict[Cell, list[Sample]], int]:
     """Run every cell ``reps`` times, shuffled per repetition; the servers always stop.
+
+    Cells with the same ``block(cell)`` run back to back in each repetition (see
+    :func:`repetition_order`); give the cells a ratio compares one block.
 
     A cell during which other processes took more than :data:`MAX_OTHER_PCT` of one of our
     CPUs is run again (twice at most) and the cleanest attempt kept; re-runs and waits for a
@@ -416,8 +421,7 @@ def measure(
         wait_quiet(min(60.0, len(cells) * reps * per_cell * 0.1), verbose=True)
         budget = len(cells) * reps * per_cell * rerun_budget
         for rep in range(reps):
-            order = list(cells)
-            rng.shuffle(order)
+            order = repetition_order(cells, rng, block)
             for i, cell in enumerate(order, 1):
                 target, mode, c = cell
                 tries = [bench.run(by_name[target], mode, c, warmup, duration)]
@@ -444,6 +448,36 @@ def measure(
         if previous_affinity is not None:
             os.sched_setaffinity(0, previous_affinity)
     return samples, retries
+
+
+def repetition_order(
+    cells: Sequence[Cell], rng: random.Random, block: Callable[[Cell], Hashable]
+) -> list[Cell]:
+    """One repetition's order: blocks shuffled, the cells of each block shuffled and run back
+    to back. A virtual machine's speed can swing by half for a second or more (a neighbour on
+    the host): cells a ratio compares, measured seconds apart rather than minutes, meet the
+    same spell, and :func:`paired_ratio` cancels it."""
+    blocks: dict[Hashable, list[Cell]] = {}
+    for cell in cells:
+        blocks.setdefault(block(cell), []).append(cell)
+    groups = list(blocks.values())
+    rng.shuffle(groups)
+    for group in groups:
+        rng.shuffle(group)
+    return [cell for group in groups for cell in group]
+
+
+def paired_ratio(
+    measured: Sequence[Sample], baseline: Sequence[Sample], field: str
+) -> float | None:
+    """The median over repetitions of ``measured / baseline`` for ``field`` (``"rps"``,
+    ``"p50"``...), each repetition's pair measured back to back (:func:`repetition_order`)."""
+    ratios = [
+        getattr(m, field) / getattr(b, field)
+        for m, b in zip(measured, baseline, strict=True)
+        if getattr(b, field)
+    ]
+    return statistics.median(ratios) if ratios else None
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -564,12 +598,16 @@ def _ints(text: str) -> list[int]:
 
 
 def run_options(
-    prog: str, description: str, levels: Sequence[int], targets: Sequence[Target]
+    prog: str,
+    description: str,
+    levels: Sequence[int],
+    targets: Sequence[Target],
+    reps: int = 3,
 ) -> argparse.ArgumentParser:
     """The options every end-to-end benchmark takes."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--quick", action="store_true", help="1 repetition, short windows")
-    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
+    parser.add_argument("--reps", type=int, default=None, help=f"repetitions (default {reps})")
     parser.add_argument("--warmup", type=float, default=None, help="seconds per cell")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per cell")
     parser.add_argument(
