@@ -3,6 +3,7 @@ against a served admin API, and rollouts driven from the command line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -221,19 +222,35 @@ def test_rollout_from_the_command_line_goes_to_100_then_rolls_back_a_failing_can
     assert f"rollout to {CANARY} (rolled_back): stage 1/4 (5%) failed" in status.stdout
 
 
+@contextlib.contextmanager
+def _ctrl_c_as_in_a_terminal() -> Iterator[None]:
+    """Children started here do not inherit an ignored SIGINT. A shell without job control
+    starts a background job (`.ci/run ... &`) with SIGINT ignored, every child inherits that,
+    and Python then installs no KeyboardInterrupt handler: the rollout under test would never
+    see the Ctrl-C the test sends. A handled signal is reset to its default by exec."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_rollout_interrupted_with_ctrl_c_resumes_with_the_same_command(config: Path) -> None:
     # No traffic and no minimum: each stage passes on time, on the file store alone.
     args = [
         sys.executable, "-m", "relaymw", "rollout", ALIAS, "--to", CANARY, "--interval", "1",
         "--min-requests", "0", "--config", str(config),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        args,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with _ctrl_c_as_in_a_terminal():
+        proc = subprocess.Popen(
+            args,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     assert proc.stdout is not None
     lines = []
     for line in proc.stdout:
