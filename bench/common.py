@@ -456,7 +456,8 @@ def repetition_order(
     """One repetition's order: blocks shuffled, the cells of each block shuffled and run back
     to back. A virtual machine's speed can swing by half for a second or more (a neighbour on
     the host): cells a ratio compares, measured seconds apart rather than minutes, meet the
-    same spell, and :func:`paired_ratio` cancels it."""
+    same spell more often. It narrows the spread, it does not remove it (BENCHMARKS.md,
+    session 7: runs of the same code still differ by up to ±0.07)."""
     blocks: dict[Hashable, list[Cell]] = {}
     for cell in cells:
         blocks.setdefault(block(cell), []).append(cell)
