@@ -410,6 +410,7 @@ def test_metrics_count_the_traffic_of_each_version(base: str, api: httpx.Client)
     answer = api.get("/metrics/versions", params={"route_id": "chat-production"})
     assert answer.status_code == 200, answer.text
     body = answer.json()
+    assert body["bucket_seconds"] == 10  # the default granularity of the figures
     counts = {v["version_tag"]: v["metrics"]["request_count"] for v in body["versions"]}
     assert counts == {"gpt-v1": seen.get("gpt-v1", 0), "gpt-v2": seen.get("gpt-v2", 0)}
     one = next(v for v in body["versions"] if v["metrics"]["request_count"])

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -36,10 +37,18 @@ TOKEN = "admin-token-for-rollout-tests"
 
 
 @pytest.fixture
-def served(tmp_path: Path, fake_llm: FakeLLM) -> Iterator[tuple[Relay, str]]:
+def bucket_seconds() -> int:
+    """The served relay's metric buckets (a test may parametrize it)."""
+    return 1
+
+
+@pytest.fixture
+def served(tmp_path: Path, fake_llm: FakeLLM, bucket_seconds: int) -> Iterator[tuple[Relay, str]]:
     """The serving relay on a file store, and the URL of its app (gateway + /relay-admin)."""
     path = tmp_path / "relay.toml"
-    path.write_bytes(dump_document(rollout_document(fake_llm.base_url), "toml"))
+    doc = rollout_document(fake_llm.base_url)
+    doc["metrics"] = {"bucket_seconds": bucket_seconds}
+    path.write_bytes(dump_document(doc, "toml"))
     relay = Relay.from_store(FileStore(path, poll_interval=0.1))
     app = Starlette(routes=[Mount("/relay-admin", app=relay.admin_app(token=TOKEN))])
     app.add_middleware(RelayMiddleware, relay=relay)
@@ -132,6 +141,38 @@ def test_a_failing_canary_is_rolled_back_and_says_why(
     with Traffic(url) as traffic:
         time.sleep(0.5)
     assert set(traffic.snapshot()) == {(STABLE, 200)}
+
+
+@pytest.mark.parametrize("bucket_seconds", [5])
+def test_a_stage_is_judged_without_the_requests_of_its_first_bucket_from_before_it(
+    served: tuple[Relay, str], control: ReleaseControl, fake_llm: FakeLLM, bucket_seconds: int
+) -> None:
+    # The canary answers well at 100 %, then starts failing and is rolled out again within
+    # the same metric bucket: the good answers from before the stage must not dilute the
+    # stage's 100 % error rate. Five-second buckets leave a loaded machine room to start
+    # the stage in the good answers' bucket.
+    relay, url = served
+    control.set_weights(ALIAS, {STABLE: 0, CANARY: 100}, actor="test", action="set-weights")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="client", max_retries=0)
+    while time.time() % bucket_seconds > 0.5:  # early in a bucket
+        time.sleep(0.01)
+    for _ in range(10):
+        client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "hi"}])
+    last_good = time.time()
+    good = relay.metrics(CANARY, last_good, last_good + 0.001, ALIAS)
+    assert good.request_count >= 10 and good.error_count == 0
+    fake_llm.set(CANARY_MODEL, status=503, error_rate=1.0)
+    control.set_weights(ALIAS, {STABLE: 100, CANARY: 0}, actor="test", action="set-weights")
+    out = io.StringIO()
+    with Traffic(url):
+        state = controller(control, out).run()
+    started = state.history[0]["started_at"]
+    assert started // bucket_seconds == last_good // bucket_seconds, (
+        "the stage must start in the good answers' bucket"
+    )
+    assert state.status == "rolled_back", out.getvalue()
+    assert state.reason is not None
+    assert "stage 1/4 (5%) failed: error rate 100.0%" in state.reason, state.reason
 
 
 def test_baseline_rolls_back_a_canary_worse_than_the_stable_version(

@@ -460,7 +460,12 @@ class AdminHandlers:
 
         versions = await run_in_threadpool(query)
         return json_response(
-            {"start_time": start.isoformat(), "end_time": end.isoformat(), "versions": versions}
+            {
+                "start_time": start.isoformat(),
+                "end_time": end.isoformat(),
+                "bucket_seconds": self.relay.metrics_bucket_seconds,
+                "versions": versions,
+            }
         )
 
     async def audit(self, request: Request, actor: str) -> Response:

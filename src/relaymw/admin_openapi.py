@@ -204,10 +204,16 @@ SCHEMAS: dict[str, Any] = {
     },
     "VersionMetrics": {
         "type": "object",
-        "required": ["start_time", "end_time", "versions"],
+        "required": ["start_time", "end_time", "bucket_seconds", "versions"],
         "properties": {
             "start_time": {"type": "string", "format": "date-time"},
             "end_time": {"type": "string", "format": "date-time"},
+            "bucket_seconds": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "the figures sum the whole buckets of this many seconds that "
+                "overlap [start_time, end_time)",
+            },
             "versions": {
                 "type": "array",
                 "items": {

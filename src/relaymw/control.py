@@ -20,7 +20,7 @@ import httpx
 from relaymw.config import normalize_weights
 from relaymw.engine import Relay
 from relaymw.errors import ConfigError, RelayError, StoreError, StoreReadOnlyError
-from relaymw.metrics import VersionMetrics
+from relaymw.metrics import VersionMetrics, first_bucket_from
 
 __all__ = [
     "AdminControl",
@@ -147,7 +147,13 @@ class ReleaseControl(Protocol):
         """``tag`` to 100 and every other rule to 0."""
         ...
 
-    def figures(self, tag: str, start: float, end: float, route: str | None) -> Figures: ...
+    def figures(
+        self, tag: str, start: float, end: float, route: str | None, *, since: bool = False
+    ) -> Figures:
+        """``tag``'s figures from ``start`` to ``end`` (epoch seconds): the metric buckets
+        that overlap them, or with ``since`` only those that begin at or after ``start``
+        (no request from before it: how a rollout stage is judged)."""
+        ...
 
     def read_state(self, name: str) -> dict[str, Any] | None: ...
 
@@ -293,7 +299,13 @@ class RelayControl:
         weights = {t: 100.0 if t == tag else 0.0 for t, _ in current.rules}
         return self.set_weights(alias, weights, actor=actor, action="rollback")
 
-    def figures(self, tag: str, start: float, end: float, route: str | None) -> Figures:
+    def figures(
+        self, tag: str, start: float, end: float, route: str | None, *, since: bool = False
+    ) -> Figures:
+        if since:
+            start = first_bucket_from(start, self.relay.metrics_bucket_seconds)
+            if start >= end:
+                return Figures()
         return Figures.of(self.relay.metrics(tag, start, end, route))
 
     def read_state(self, name: str) -> dict[str, Any] | None:
@@ -345,6 +357,7 @@ class AdminControl:
             timeout=timeout,
             transport=transport,
         )
+        self._bucket_seconds: int | None = None  # the server's metric buckets, once known
 
     def describe(self) -> str:
         return f"admin API {self.base_url}"
@@ -419,15 +432,32 @@ class AdminControl:
         self._json("POST", "/routes/traffic/rollback", json={"route_id": alias, "version_tag": tag})
         return self.route(alias)
 
-    def figures(self, tag: str, start: float, end: float, route: str | None) -> Figures:
-        params = {"version_tag": tag, "start_time": _iso(start), "end_time": _iso(end)}
-        if route is not None:
-            params["route_id"] = route
-        data = self._json("GET", "/metrics/versions", params=params)
+    def figures(
+        self, tag: str, start: float, end: float, route: str | None, *, since: bool = False
+    ) -> Figures:
+        # The server's bucket size comes with its first answer; until then, ``since`` asks
+        # from ``start`` and asks again from the first whole bucket if that differs.
+        asked = self._since(start) if since and self._bucket_seconds else start
+        if asked >= end:
+            return Figures()
+        data = self._metrics(tag, asked, end, route)
+        if self._bucket_seconds is None:
+            self._bucket_seconds = int(data.get("bucket_seconds") or 1)
+            if since and self._since(start) != asked:
+                return self.figures(tag, start, end, route, since=True)
         for entry in data.get("versions", []):
             if entry.get("version_tag") == tag and entry.get("route_id") in (route, None):
                 return Figures.from_json(entry.get("metrics", {}))
         return Figures()
+
+    def _since(self, start: float) -> float:
+        return first_bucket_from(start, self._bucket_seconds or 1)
+
+    def _metrics(self, tag: str, start: float, end: float, route: str | None) -> Any:
+        params = {"version_tag": tag, "start_time": _iso(start), "end_time": _iso(end)}
+        if route is not None:
+            params["route_id"] = route
+        return self._json("GET", "/metrics/versions", params=params)
 
     def read_state(self, name: str) -> dict[str, Any] | None:
         response = self._call("GET", f"/rollouts/{_rollout_alias(name)}")

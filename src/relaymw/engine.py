@@ -667,6 +667,11 @@ class Relay:
         begin = _epoch(start) if start is not None else stop - 3600
         return self._metrics.query(version_tag, begin, stop, route)
 
+    @property
+    def metrics_bucket_seconds(self) -> int:
+        """The granularity of :meth:`metrics`: it sums whole buckets of this many seconds."""
+        return self._metrics.bucket_seconds
+
     def _start_health(self, snapshot: Snapshot) -> None:
         """Evaluate health checks in a thread, so no request waits on a window query."""
         # A relay that only reads and writes the configuration (the CLI) must not eject.

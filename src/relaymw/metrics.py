@@ -11,7 +11,9 @@ Bucket granularity: ``query(tag, start, end)`` merges every bucket overlapping
 ``[start, end)``, ``window(route, version, seconds)`` the buckets holding ``now - seconds``
 to ``now``. With a :class:`RedisMetricsPublisher`, queries read the sum over every worker
 (deltas arrive every second) plus this worker's unsent delta; if Redis cannot be read, this
-worker's figures alone. ``record()`` never touches Redis.
+worker's figures alone. ``record()`` never touches Redis. A question about requests *since*
+a moment (a rollout stage's start) asks from :func:`first_bucket_from` that moment: the bucket
+the moment falls in also holds requests from before it.
 """
 
 from __future__ import annotations
@@ -195,6 +197,11 @@ class VersionMetrics:
         """JSON-ready: money as decimal strings, never floats."""
         out = attrs.asdict(self)
         return out | {k: f"{out[k]:f}" for k in ("total_cost_usd", "cost_per_token")}
+
+
+def first_bucket_from(moment: float, bucket_seconds: int) -> float:
+    """The start of the first bucket that begins at or after ``moment`` (epoch seconds)."""
+    return float(math.ceil(moment / bucket_seconds) * bucket_seconds)
 
 
 class MetricsRegistry:

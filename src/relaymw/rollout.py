@@ -2,7 +2,9 @@
 
 A rollout of ``to`` on route ``alias`` sets the canary's weight to each stage in turn (the
 other rules share the remainder in the proportions they had when the rollout started),
-waits ``interval_seconds``, then analyses the canary's metrics *since the stage started*:
+waits ``interval_seconds``, then analyses the canary's metrics *since the stage started*
+(from the first metric bucket that begins after its start: the bucket the stage started in
+also holds requests from before it, which would speak for a canary that has since changed):
 
 * fewer than ``min_requests`` canary requests (or, with ``baseline``, stable ones): **hold**
   and look again shortly, saying so;
@@ -397,7 +399,7 @@ class RolloutController:
         return None
 
     def _figures(self, tag: str, start: float, end: float) -> Figures:
-        return self.control.figures(tag, start, end, self.plan.alias)
+        return self.control.figures(tag, start, end, self.plan.alias, since=True)
 
     def _analyse(self, state: RolloutState, now: float) -> Analysis:
         start = state.stage_started_at or now
