@@ -19,11 +19,13 @@ not to be the bottleneck. Each cell (target, mode, concurrency) gets fresh conne
 warm-up, then a measurement window: req/s, full latency p50/p99, time to first response byte
 (TTFB), and the CPU time (utime + stime from ``/proc/PID/stat``) of the relay and FakeLLM
 processes per request. Cells are shuffled in each repetition, but the two cells a target
-compares (relaymw and the bare relay, the passthrough app with and without relaymw) run back
-to back; the tables show medians over repetitions, and the targets are judged on paired
-ratios: the median over repetitions of each back-to-back pair's ratio. Seven repetitions of
-short windows, rather than three long ones, give the medians more pairs to work with. The
-machinery is ``bench/common.py``, shared with ``bench_sidebyside.py``.
+compares (relaymw and the bare relay, the passthrough app with and without relaymw) take
+turns: after a warm-up each, four windows of 0.5 s each, A B B A A B B A (``--slices``; 1 runs
+them back to back), merged into one sample per cell; the tables show medians over
+repetitions, and the targets are judged on paired ratios: the median over repetitions of each
+pair's ratio. Seven repetitions of short windows, rather than three long ones, give the
+medians more pairs to work with. The machinery is ``bench/common.py``, shared with
+``bench_sidebyside.py``.
 
 Run: ``python bench/bench_relay.py`` (about 5 minutes; ``--quick`` about 1 minute, or
 ``RELAYMW_BENCH_QUICK=1`` through ``python bench/run.py relay``). The full run writes
@@ -55,7 +57,9 @@ from common import (  # noqa: E402
     command_options,
     fmt,
     measure,
+    pair_blocks,
     paired_ratio,
+    pairing,
     parse_run_args,
     plan_cells,
     ratio,
@@ -122,12 +126,6 @@ def table(cells: Sequence[Cell], results: dict[Cell, dict[str, float | None]]) -
 
 
 COMPARED = {"relaymw": "bare-aiohttp", "passthrough-relaymw": "passthrough-app"}
-
-
-def pair_block(cell: Cell) -> tuple[str, str, int]:
-    """Cells a verdict compares share a block: they run back to back in each repetition."""
-    target, mode, c = cell
-    return (COMPARED.get(target, target), mode, c)
 
 
 def verdicts(
@@ -232,8 +230,8 @@ def benchmark(args: argparse.Namespace) -> bool:
     )
     print(
         f"{len(cells)} cells x {reps} repetition(s), {warmup:g} s warm-up + {duration:g} s "
-        f"measured each, cells shuffled per repetition, compared pairs back to back (seed "
-        f"{seed}); medians and paired ratios reported"
+        f"measured each, cells shuffled per repetition, {pairing(args.slices, duration)} "
+        f"(seed {seed}); medians and paired ratios reported"
     )
     with tempfile.TemporaryDirectory(prefix="relaymw-bench-") as logdir:
         samples, retries = measure(
@@ -245,7 +243,8 @@ def benchmark(args: argparse.Namespace) -> bool:
             duration,
             seed,
             RERUN_BUDGET,
-            block=pair_block,
+            block=pair_blocks(COMPARED),
+            slices=args.slices,
         )
 
     results = {cell: summarize(samples[cell]) for cell in cells}
@@ -267,8 +266,9 @@ def benchmark(args: argparse.Namespace) -> bool:
             command=command,
             machine=machine_line(),
             setup=(
-                f"{reps} repetition(s) of {len(cells)} shuffled cells (compared pairs back to "
-                f"back), {warmup:g} s warm-up + {duration:g} s measured per cell, seed {seed}"
+                f"{reps} repetition(s) of {len(cells)} shuffled cells "
+                f"({pairing(args.slices, duration)}), {warmup:g} s warm-up + {duration:g} s "
+                f"measured per cell, seed {seed}"
                 + ("; servers on CPU 0, load generator on CPU 1" if pinned else "; NOT pinned")
                 + (f"; benchmark processes at nice -{args.nice}" if args.nice else "")
             ),
@@ -302,8 +302,9 @@ req/s is that of the pair. Closed-loop load: c keep-alive connections, one reque
 on each. Figures are medians over repetitions; "± %" is half the req/s range over the
 repetitions relative to the median. A virtual machine's speed can swing by half for a second
 or more, so the verdicts use paired ratios: in each repetition the two cells a ratio compares
-run back to back, and the ratio is the median over repetitions of each pair's ratio (the
-ratio of the medians is shown beside it). CPU per request is utime + stime of the process
+take turns in short windows (back to back with `--slices 1`), so that a spell falls on both,
+and the ratio is the median over repetitions of each pair's ratio (the ratio of the medians
+is shown beside it). CPU per request is utime + stime of the process
 (`/proc/PID/stat`) over the window ÷ requests completed in it. TTFB is the time to the first
 response byte (FakeLLM sends its stream in one write, so TTFB is close to the full latency).
 "other CPU % (0 / 1)" is the busy time of CPU 0 not used by our servers and of CPU 1 not used

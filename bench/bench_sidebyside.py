@@ -59,7 +59,9 @@ from common import (  # noqa: E402
     command_options,
     fmt,
     measure,
+    pair_blocks,
     paired_ratio,
+    pairing,
     parse_run_args,
     plan_cells,
     ratio,
@@ -130,12 +132,6 @@ Samples = Mapping[Cell, Sequence[Sample]]
 COMPARED = {measured: base for measured, base, _ in COMPARISONS}
 
 
-def pair_block(cell: Cell) -> tuple[str, str, int]:
-    """A comparison's cells share a block: they run back to back in each repetition."""
-    target, mode, c = cell
-    return (COMPARED.get(target, target), mode, c)
-
-
 # --------------------------------------------------------------------------- report
 
 
@@ -172,8 +168,8 @@ def table(mode: str, levels: Sequence[int], names: Sequence[str], results: Resul
 def comparisons(
     modes: Sequence[str], levels: Sequence[int], results: Results, samples: Samples
 ) -> list[str]:
-    """Paired ratios (:func:`paired_ratio`: the median of each repetition's back-to-back
-    pair), judged against the targets."""
+    """Paired ratios (:func:`paired_ratio`: the median of each repetition's pair), judged
+    against the targets."""
     lines = [
         "| comparison | mode | c | req/s ratio (paired) | p50 ratio (paired) "
         "| server CPU µs/req added | target | verdict |",
@@ -211,11 +207,12 @@ def _target(measured: str, c: int, rps: float, p50: float) -> tuple[str, str]:
 
 
 def describe_setup(
-    reps: int, cells: int, warmup: float, duration: float, seed: int, pinned: bool, storage: str
-) -> str:
+    reps: int, cells: int, warmup: float, duration: float, seed: int, pinned: bool, storage: str,
+    slices: int,
+) -> str:  # fmt: skip
     return (
-        f"{reps} repetition(s) of {cells} cells, shuffled in each repetition with the cells "
-        f"of a comparison back to back (seed {seed}); "
+        f"{reps} repetition(s) of {cells} cells, shuffled in each repetition, "
+        f"{pairing(slices, duration)} (seed {seed}); "
         f"{warmup:g} s warm-up + {duration:g} s measured per cell; "
         + ("servers on CPU 0, load generator on CPU 1" if pinned else "NOT pinned")
         + f"; guards' storage {storage}"
@@ -267,9 +264,10 @@ under RelayMiddleware (same configuration; passthrough requests).
 
 ### Ratios
 
-Each ratio is paired: in every repetition the two cells it compares ran back to back, and
-the ratio is the median over repetitions of those pairs' ratios (a virtual machine's speed
-can swing by half for a second or more; a pair measured seconds apart meets the same spell).
+Each ratio is paired: in every repetition the cells it compares ran in turns of short
+windows (or back to back with `--slices 1`), and the ratio is the median over repetitions of
+those pairs' ratios (a virtual machine's speed can swing by half for a second or more; cells
+measured in turns meet the same spell).
 
 {chr(10).join(comparisons(modes, levels, results, samples))}
 
@@ -328,9 +326,11 @@ def benchmark(args: argparse.Namespace) -> None:
     command = " ".join(["python bench/bench_sidebyside.py", *command_options(args)])
     if args.storage != REDIS_URL:
         command += f" --storage {args.storage}"
-    setup = describe_setup(reps, len(cells), warmup, duration, seed, pinned, args.storage)
+    setup = describe_setup(
+        reps, len(cells), warmup, duration, seed, pinned, args.storage, args.slices
+    )
     setup += f"; load average (1 / 5 / 15 min) at the start {load_average()}"
-    planned = len(cells) * reps * (warmup + duration + 0.3) / 60
+    planned = len(cells) * reps * (warmup + duration + 0.3 + args.slices * 0.3) / 60
     print(f"side-by-side benchmark: {machine_line()}")
     print(
         f"servers pinned to CPU {SERVER_CPU}, load generator to CPU {LOAD_CPU}"
@@ -357,7 +357,7 @@ def benchmark(args: argparse.Namespace) -> None:
             samples, retries = measure(
                 bench, targets, cells, reps, warmup, duration, seed, RERUN_BUDGET,
                 on_ready=lambda bench: verify_everything_on(bench, args.storage, prefix),
-                block=pair_block,
+                block=pair_blocks(COMPARED), slices=args.slices,
             )  # fmt: skip
     finally:
         remove_keys(args.storage, prefix)

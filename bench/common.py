@@ -4,8 +4,9 @@ A run starts FakeLLM and the apps under test (``bench/servers.py``), each its ow
 pinned to CPU 0, and the closed-loop load generator (``bench/loadgen.py``) pinned to CPU 1.
 A *cell* (target, mode, concurrency) gets fresh connections, a warm-up, then a measurement
 window; :func:`measure` runs every cell ``reps`` times, shuffled in each repetition (the cells
-a ratio compares back to back), and re-runs a cell during which other processes took one of
-our CPUs; :func:`paired_ratio` reads a ratio off the repetitions pair by pair. ``bench_relay.py``,
+a ratio compares in turns, :func:`pair_blocks`), and re-runs a window during which other
+processes took one of our CPUs; :func:`paired_ratio` reads a ratio off the repetitions pair
+by pair. ``bench_relay.py``,
 ``bench_sidebyside.py`` and ``soak.py`` are built on it; ``bench/machine.py`` reads the
 machine. The ``*_instructions.py`` scripts count instructions with
 :func:`callgrind_instructions` instead.
@@ -32,6 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
 
+from loadgen import percentile
 from machine import (
     LOAD_CPU,
     SERVER_CPU,
@@ -44,6 +46,9 @@ HERE = Path(__file__).resolve().parent
 # A cell during which other processes used more than this % of one of our CPUs is re-run
 # (twice at most, within a time budget).
 MAX_OTHER_PCT = 10.0
+# Warm-up of a slice's fresh connections when compared cells take turns (measure(slices=)):
+# the servers and their upstream pools are warm already.
+SLICE_WARMUP = 0.2
 CHUNKS = 8  # streamed content deltas per FakeLLM answer (no delay between them)
 CLIENT_KEY = "sk-bench-client"
 # Request variants: each its own x-user-id (the sticky key) and API key (the rate-limit
@@ -284,11 +289,19 @@ class Bench:
                 f"{self.log_tail(target.server)}"
             )
 
-    def run(self, target: Target, mode: str, c: int, warmup: float, duration: float) -> Sample:
-        """One measured cell: ``duration`` seconds after ``warmup``."""
+    def run(
+        self, target: Target, mode: str, c: int, warmup: float, duration: float
+    ) -> dict[str, Any]:
+        """One measured window of a cell, ``duration`` seconds after ``warmup``: the load
+        generator's result (read it with :meth:`sample`), with every response's times
+        (``raw``), so that several windows of a cell can be merged (:func:`merge_results`)."""
         requests = self.requests_for(target, mode)
-        cmd = {"warmup": warmup, "duration": duration}
-        return self.drive(target, requests, c, cmd, timeout=warmup + duration + 60)
+        times = self.logdir / "times.json"
+        cmd = {"warmup": warmup, "duration": duration, "raw": str(times)}
+        result = self.drive(target, requests, c, cmd, timeout=warmup + duration + 60)
+        result["raw"] = json.loads(times.read_text())
+        times.unlink()
+        return result
 
     def drive(
         self,
@@ -297,9 +310,10 @@ class Bench:
         c: int,
         window: Mapping[str, Any],
         timeout: float,
-    ) -> Sample:
+    ) -> dict[str, Any]:
         """Send ``requests`` (cycled) over ``c`` connections; ``window`` is ``warmup`` +
-        ``duration`` seconds, or ``count`` responses."""
+        ``duration`` seconds, or ``count`` responses. The load generator's result: read it
+        with :meth:`sample`."""
         assert self.load is not None and self.load.stdin is not None
         assert self.load.stdout is not None
         for name, (proc, _) in self.servers.items():
@@ -324,12 +338,12 @@ class Bench:
         line = self.load.stdout.readline() if ready else ""
         if not line:
             raise RuntimeError("the load generator did not answer")
-        result = json.loads(line)
+        result: dict[str, Any] = json.loads(line)
         if "failed" in result:
             raise RuntimeError(f"load generator: {result['failed']}")
-        return self._sample(target, result)
+        return result
 
-    def _sample(self, target: Target, result: dict[str, Any]) -> Sample:
+    def sample(self, target: Target, result: Mapping[str, Any]) -> Sample:
         n, elapsed, cpu = result["n"], result["elapsed"], result["cpu"]
         per_request = 1e6 / n if n else float("nan")
 
@@ -393,13 +407,18 @@ def measure(
     rerun_budget: float = 0.3,
     on_ready: Callable[[Bench], None] | None = None,
     block: Callable[[Cell], Hashable] = lambda cell: cell,
+    slices: int = 1,
 ) -> tuple[dict[Cell, list[Sample]], int]:
     """Run every cell ``reps`` times, shuffled per repetition; the servers always stop.
 
     Cells with the same ``block(cell)`` run back to back in each repetition (see
-    :func:`repetition_order`); give the cells a ratio compares one block.
+    :func:`repetition_order`); give the cells a ratio compares one block. With ``slices`` > 1
+    a block's cells take turns instead: each gets its warm-up, then ``slices`` windows of
+    ``duration / slices`` seconds (each after a short warm-up of its fresh connections),
+    alternating with the other cells' (A B B A A B...), merged into one sample per cell
+    (:func:`merge_results`). A spell of a slower machine then falls on both sides of a ratio.
 
-    A cell during which other processes took more than :data:`MAX_OTHER_PCT` of one of our
+    A window during which other processes took more than :data:`MAX_OTHER_PCT` of one of our
     CPUs is run again (twice at most) and the cleanest attempt kept; re-runs and waits for a
     quiet machine may add ``rerun_budget`` x the planned time. ``on_ready`` runs once every
     target answered its check, before the load."""
@@ -407,6 +426,27 @@ def measure(
     by_name = {t.name: t for t in targets}
     retries = 0
     previous_affinity = os.sched_getaffinity(0) if bench.pinned else None
+    per_cell = warmup + duration + 0.3 + (slices * (SLICE_WARMUP + 0.1) if slices > 1 else 0.0)
+    budget = len(cells) * reps * per_cell * rerun_budget
+
+    def clean_run(cell: Cell, warm: float, seconds: float) -> tuple[dict[str, Any], int]:
+        """The cleanest of up to three windows of ``cell``, and how many were run."""
+        nonlocal budget, retries
+        target = by_name[cell[0]]
+
+        def once() -> tuple[dict[str, Any], float]:
+            result = bench.run(target, cell[1], cell[2], warm, seconds)
+            return result, bench.sample(target, result).other_pct
+
+        tries = [once()]
+        while tries[-1][1] > MAX_OTHER_PCT and len(tries) < 3 and budget > warm + seconds + 1:
+            retries += 1
+            spent = time.monotonic()
+            wait_quiet(min(5.0, budget - warm - seconds - 1.0))
+            tries.append(once())
+            budget -= time.monotonic() - spent
+        return min(tries, key=lambda t: t[1])[0], len(tries)
+
     try:
         if bench.pinned:
             os.sched_setaffinity(0, {LOAD_CPU})  # keep the orchestrator off the servers' CPU
@@ -417,32 +457,37 @@ def measure(
         if on_ready is not None:
             on_ready(bench)
         rng = random.Random(seed)
-        per_cell = warmup + duration + 0.3
         wait_quiet(min(60.0, len(cells) * reps * per_cell * 0.1), verbose=True)
-        budget = len(cells) * reps * per_cell * rerun_budget
         for rep in range(reps):
-            order = repetition_order(cells, rng, block)
-            for i, cell in enumerate(order, 1):
-                target, mode, c = cell
-                tries = [bench.run(by_name[target], mode, c, warmup, duration)]
-                while (
-                    tries[-1].other_pct > MAX_OTHER_PCT
-                    and len(tries) < 3
-                    and budget > per_cell + 1.0
-                ):
-                    retries += 1
-                    spent = time.monotonic()
-                    wait_quiet(min(5.0, budget - per_cell - 1.0))
-                    tries.append(bench.run(by_name[target], mode, c, warmup, duration))
-                    budget -= time.monotonic() - spent
-                sample = min(tries, key=lambda s: s.other_pct)
-                samples[cell].append(sample)
-                print(
-                    f"  rep {rep + 1}/{reps} [{i:2}/{len(order)}] {target:<20} {mode:<6} "
-                    f"c={c:<3} {sample_line(sample)}"
-                    + (f"  ({len(tries)} tries)" if len(tries) > 1 else ""),
-                    flush=True,
-                )
+            groups = repetition_order(cells, rng, block)
+            done = 0
+            for group in groups:
+                parts: dict[Cell, list[dict[str, Any]]] = {cell: [] for cell in group}
+                tries = dict.fromkeys(group, 0)
+                if slices > 1 and len(group) > 1:
+                    for cell in group:  # each side warm before the first window
+                        bench.run(by_name[cell[0]], cell[1], cell[2], warmup, 0.05)
+                    for i in range(slices):
+                        for cell in group if i % 2 == 0 else group[::-1]:
+                            result, n = clean_run(cell, SLICE_WARMUP, duration / slices)
+                            parts[cell].append(result)
+                            tries[cell] += n - 1
+                else:
+                    for cell in group:
+                        result, n = clean_run(cell, warmup, duration)
+                        parts[cell].append(result)
+                        tries[cell] += n - 1
+                for cell in group:
+                    done += 1
+                    sample = bench.sample(by_name[cell[0]], merge_results(parts[cell]))
+                    samples[cell].append(sample)
+                    target, mode, c = cell
+                    print(
+                        f"  rep {rep + 1}/{reps} [{done:2}/{len(cells)}] {target:<20} {mode:<6} "
+                        f"c={c:<3} {sample_line(sample)}"
+                        + (f"  ({tries[cell]} re-runs)" if tries[cell] else ""),
+                        flush=True,
+                    )
     finally:
         bench.stop()
         if previous_affinity is not None:
@@ -450,14 +495,60 @@ def measure(
     return samples, retries
 
 
+def pairing(slices: int, duration: float) -> str:
+    """How a run measures the cells a ratio compares, in words."""
+    if slices <= 1:
+        return "compared cells back to back"
+    return f"compared cells in turns of {duration / slices:g} s, {slices} per cell"
+
+
+def merge_results(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One load generator result of several windows of one cell: counts, times and CPU
+    summed, percentiles over every response of every window (their ``raw`` times)."""
+    if len(results) == 1:
+        return dict(results[0])
+
+    def summed(key: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for r in results:
+            for k, v in r[key].items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    latency = [x for r in results for x in r["raw"]["latency"]]
+    ttfb = [x for r in results for x in r["raw"]["ttfb"]]
+    return {
+        "n": sum(r["n"] for r in results),
+        "elapsed": sum(r["elapsed"] for r in results),
+        "gen_cpu": sum(r["gen_cpu"] for r in results),
+        "servers_cpu": sum(r["servers_cpu"] for r in results),
+        "cpu": {k: v for k, v in summed("cpu").items() if all(k in r["cpu"] for r in results)},
+        "busy": summed("busy"),
+        "errors": summed("errors"),
+        "latency": [percentile(latency, 0.5), percentile(latency, 0.99)],
+        "ttfb": [percentile(ttfb, 0.5), percentile(ttfb, 0.99)],
+    }
+
+
+def pair_blocks(compared: Mapping[str, str]) -> Callable[[Cell], Hashable]:
+    """The ``block`` of :func:`measure` for ``compared`` (measured target: its baseline): a
+    cell shares its block with its baseline's cell of the same mode and concurrency."""
+
+    def block(cell: Cell) -> Hashable:
+        target, mode, c = cell
+        return (compared.get(target, target), mode, c)
+
+    return block
+
+
 def repetition_order(
     cells: Sequence[Cell], rng: random.Random, block: Callable[[Cell], Hashable]
-) -> list[Cell]:
-    """One repetition's order: blocks shuffled, the cells of each block shuffled and run back
-    to back. A virtual machine's speed can swing by half for a second or more (a neighbour on
-    the host): cells a ratio compares, measured seconds apart rather than minutes, meet the
-    same spell more often. It narrows the spread, it does not remove it (BENCHMARKS.md,
-    session 7: runs of the same code still differ by up to ±0.07)."""
+) -> list[list[Cell]]:
+    """One repetition's order: blocks shuffled, the cells of each block shuffled, to run back
+    to back or in turns. A virtual machine's speed can swing by half for a second or more (a
+    neighbour on the host): cells a ratio compares, measured seconds apart rather than
+    minutes, meet the same spell more often, and in turns of half a second more often still
+    (BENCHMARKS.md, session 7: back to back, runs of the same code still differed by ±0.07)."""
     blocks: dict[Hashable, list[Cell]] = {}
     for cell in cells:
         blocks.setdefault(block(cell), []).append(cell)
@@ -465,14 +556,14 @@ def repetition_order(
     rng.shuffle(groups)
     for group in groups:
         rng.shuffle(group)
-    return [cell for group in groups for cell in group]
+    return groups
 
 
 def paired_ratio(
     measured: Sequence[Sample], baseline: Sequence[Sample], field: str
 ) -> float | None:
     """The median over repetitions of ``measured / baseline`` for ``field`` (``"rps"``,
-    ``"p50"``...), each repetition's pair measured back to back (:func:`repetition_order`)."""
+    ``"p50"``...), each repetition's pair measured in turns or back to back (:func:`measure`)."""
     ratios = [
         getattr(m, field) / getattr(b, field)
         for m, b in zip(measured, baseline, strict=True)
@@ -604,11 +695,19 @@ def run_options(
     levels: Sequence[int],
     targets: Sequence[Target],
     reps: int = 3,
+    slices: int = 4,
 ) -> argparse.ArgumentParser:
     """The options every end-to-end benchmark takes."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--quick", action="store_true", help="1 repetition, short windows")
     parser.add_argument("--reps", type=int, default=None, help=f"repetitions (default {reps})")
+    parser.add_argument(
+        "--slices",
+        type=int,
+        default=slices,
+        help="windows per cell, taken in turns with the cells it is compared with "
+        "(default %(default)s; 1: back to back)",
+    )
     parser.add_argument("--warmup", type=float, default=None, help="seconds per cell")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per cell")
     parser.add_argument(
@@ -630,7 +729,11 @@ def run_options(
         "(needs root; on a shared machine it keeps other work from skewing the figures, and "
         "slows that work down meanwhile)",
     )
-    parser.set_defaults(default_levels=list(levels), default_targets=[t.name for t in targets])
+    parser.set_defaults(
+        default_levels=list(levels),
+        default_targets=[t.name for t in targets],
+        default_slices=slices,
+    )
     return parser
 
 
@@ -654,6 +757,8 @@ def command_options(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name)
         if value is not None:
             out += [f"--{name}", str(value)]
+    if args.slices != args.default_slices:
+        out += ["--slices", str(args.slices)]
     if args.concurrency != args.default_levels:
         out += ["--concurrency", ",".join(map(str, args.concurrency))]
     if args.targets != ",".join(args.default_targets):

@@ -6,7 +6,8 @@ command runs one cell: ``c`` keep-alive connections, one request in flight on ea
 sent when one ends, cycling over the command's prebuilt ``requests``. It measures either a
 window of ``duration`` seconds after ``warmup`` seconds, or (``count``) the time ``count``
 responses take from the start. Results: completed responses, latency and time to first
-response byte percentiles of the 200 answers, errors by kind, the CPU time of the processes
+response byte percentiles of the 200 answers (with ``raw``, every one of those times too,
+written to the file ``raw`` names), errors by kind, the CPU time of the processes
 named in ``pids`` over the window, this generator's own CPU time, and every CPU's busy time
 (so that the orchestrator can tell when other work shared our CPUs).
 """
@@ -197,13 +198,19 @@ async def run_cell(cmd: dict[str, Any]) -> dict[str, Any]:
     for conn in conns:
         if conn.transport is not None:
             conn.transport.abort()
-    return {
+    result = {
         "n": len(latencies),
         "latency": [percentile(latencies, 0.5), percentile(latencies, 0.99)],
         "ttfb": [percentile(ttfbs, 0.5), percentile(ttfbs, 0.99)],
         "errors": errors,
         **after.since(before),
     }
+    if cmd.get("raw"):  # every response's times, for percentiles over several windows
+        result["raw"] = {
+            "latency": [round(x, 6) for x in latencies],
+            "ttfb": [round(x, 6) for x in ttfbs],
+        }
+    return result
 
 
 def load_worker(cpu: int | None, nice: int = 0) -> None:
@@ -219,12 +226,16 @@ def load_worker(cpu: int | None, nice: int = 0) -> None:
         if not line.strip():
             continue
         loop = new_loop()
+        cmd = json.loads(line)
         try:
-            result = loop.run_until_complete(run_cell(json.loads(line)))
+            result = loop.run_until_complete(run_cell(cmd))
         except Exception as exc:
             result = {"failed": f"{type(exc).__name__}: {exc}"}
         finally:
             loop.close()
+        # To a file: with answer lines of ~500 kB a run once hung, each side waiting on the other.
+        if "raw" in result:
+            Path(cmd["raw"]).write_text(json.dumps(result.pop("raw")))
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
 

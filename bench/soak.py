@@ -41,6 +41,7 @@ Exit status 1 when the verdict fails, so ``tox -e soak`` fails with it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import statistics
@@ -160,10 +161,11 @@ def run(total: int, guard: str) -> Soak:
                 # Each segment starts at a different user, so all of them keep being used.
                 offset = done % len(requests)
                 window = {"count": n}
-                sample = bench.drive(
+                result = bench.drive(
                     target, requests[offset:] + requests[:offset], CONCURRENCY, window,
                     timeout=600,
                 )  # fmt: skip
+                sample = bench.sample(target, result)
                 done += n
                 elapsed += sample.elapsed
                 time.sleep(0.2)  # let the server close the generator's connections
@@ -260,6 +262,12 @@ def verdict(soak: Soak, total: int) -> tuple[bool, list[str]]:
 
 
 def main() -> None:
+    # No options: the environment variables above set the run; --help shows this docstring.
+    argparse.ArgumentParser(
+        prog="python bench/soak.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).parse_args()
     total = int(os.environ.get("RELAYMW_SOAK_REQUESTS", REQUESTS))
     guard = os.environ.get("RELAYMW_SOAK_GUARD", "memory")
     if guard not in GUARDS:
