@@ -112,8 +112,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 # --- simulate ------------------------------------------------------------------------------------
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type=`` for integers ``>= minimum``."""
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type=`` for integers ``>= minimum`` (and ``<= maximum``)."""
 
     def parse(text: str) -> int:
         try:
@@ -122,6 +122,8 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
@@ -376,7 +378,12 @@ def _add_demo(sub: SubParsers) -> None:
         "100% through the config store, analysing each stage; a live table shows each "
         "version's requests, error rate, latency and cost.",
     )
-    p.add_argument("--users", type=_positive_int, default=40, help="simulated users")
+    p.add_argument(
+        "--users",
+        type=int_at_least(20, 10_000),  # relaymw.demo.MIN_USERS, and one per bucket at most
+        default=40,
+        help="simulated users, 20 to 10000 (20 puts one on the 5%% canary; default 40)",
+    )
     p.add_argument(
         "--stage-seconds", type=float, default=10.0, help="seconds per ramp stage (default 10)"
     )

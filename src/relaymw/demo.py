@@ -26,11 +26,13 @@ from typing import Any
 
 import aiohttp
 import attrs
+from starlette.requests import Request  # here: FastAPI resolves annotations in our globals
 
 from relaymw import signals
 from relaymw.control import RelayControl
 from relaymw.engine import Relay, default_config_path
 from relaymw.rollout import Analysis, Criteria, Plan, Reporter, RolloutController, RolloutState
+from relaymw.routing import BASIS_POINTS, bucket
 from relaymw.serve import local_upstream
 from relaymw.stores import FileStore
 
@@ -39,7 +41,22 @@ __all__ = ["run_demo"]
 ALIAS = "chat-production"
 STABLE, CANARY = "gpt-4.1-v1", "gpt-4.1-v2"
 STAGES = (5.0, 25.0, 50.0, 100.0)
-DEMO_CRITERIA = Criteria(max_error_rate=0.25, min_requests=0)
+# A stage is judged on at least 8 canary requests: the canary fails 1% of its calls, and on
+# two or three requests one such failure would read as an error rate above the limit.
+DEMO_CRITERIA = Criteria(max_error_rate=0.25, min_requests=8)
+MIN_USERS = 20  # users spread evenly over the hash space: 20 puts one on a 5% canary
+
+
+def user_ids(count: int, alias: str = ALIAS) -> list[str]:
+    """``count`` (at most 10,000) user ids whose sticky buckets fall one in each of ``count``
+    equal slices, so a stage at w% reaches about w% of the users (never none of them, once
+    ``count`` >= :data:`MIN_USERS`), as real users' keys would with many more of them."""
+    slots: dict[int, str] = {}
+    names = (f"user-{i}" for i in itertools.count())
+    while len(slots) < count:
+        name = next(names)
+        slots.setdefault((bucket(alias, name) - 1) * count // BASIS_POINTS, name)
+    return [slots[k] for k in range(count)]
 
 
 @attrs.define
@@ -182,12 +199,8 @@ async def _drive(relay: Relay, url: str, users: int, stage_seconds: float, live:
     seen: dict[str, list[str]] = defaultdict(list)
     stop = asyncio.Event()
     session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-    tasks = [
-        asyncio.ensure_future(_user(session, url, f"user-{i}", seen, stop)) for i in range(users)
-    ]
+    tasks = [asyncio.ensure_future(_user(session, url, u, seen, stop)) for u in user_ids(users)]
     reporter = DemoReporter(collector, seen, live)
-    # A few simulated users put only a handful of requests on a 5% canary in a short
-    # stage, so the demo needs no minimum; the error limit allows for its 1% flakiness.
     plan = Plan(ALIAS, CANARY, STAGES, stage_seconds, DEMO_CRITERIA)
     controller = RolloutController(RelayControl(relay), plan, reporter, reset=True)
     try:
@@ -214,6 +227,8 @@ def run_demo(users: int = 40, stage_seconds: float = 10.0, live: bool | None = N
     """Run the demo and return its summary (also printed)."""
     from relaymw.testing import serve_asgi
 
+    if not MIN_USERS <= users <= BASIS_POINTS:
+        raise ValueError(f"the demo takes {MIN_USERS} to {BASIS_POINTS} users, got {users}")
     if live is None:
         live = _rich_available() and os.isatty(1)
     with local_upstream() as fake, tempfile.TemporaryDirectory() as tmp:
@@ -244,7 +259,7 @@ def run_demo(users: int = 40, stage_seconds: float = 10.0, live: bool | None = N
 
 def demo_app(relay: Relay) -> Any:
     """A FastAPI app with the middleware and one in-app endpoint that calls the LLM."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
 
     from relaymw import RelayMiddleware, current_version
 
