@@ -235,7 +235,7 @@ def benchmark(args: argparse.Namespace) -> bool:
     )
     with tempfile.TemporaryDirectory(prefix="relaymw-bench-") as logdir:
         samples, retries = measure(
-            Bench(Path(logdir), pinned=pinned, nice=args.nice),
+            Bench(Path(logdir), pinned=pinned, nice=args.nice, gc_freeze=args.gc_freeze),
             targets,
             cells,
             reps,

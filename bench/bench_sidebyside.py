@@ -353,6 +353,7 @@ def benchmark(args: argparse.Namespace) -> None:
                 pinned=pinned,
                 nice=args.nice,
                 settings={"storage": args.storage, "prefix": prefix},
+                gc_freeze=args.gc_freeze,
             )
             samples, retries = measure(
                 bench, targets, cells, reps, warmup, duration, seed, RERUN_BUDGET,

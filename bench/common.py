@@ -141,11 +141,14 @@ class Bench:
         pinned: bool = True,
         nice: int = 0,
         settings: Mapping[str, str] | None = None,
+        gc_freeze: bool = False,
     ) -> None:
         self.logdir = logdir
         self.pinned = pinned
         self.nice = nice
         self.settings = dict(settings or {})
+        if gc_freeze:
+            self.settings["gc_freeze"] = "1"
         self.servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
         self.load: subprocess.Popen[str] | None = None
         self.redis = redis_pid()
@@ -721,6 +724,12 @@ def run_options(
     parser.add_argument("--output", default=None, help="markdown file; '-' for none")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="every server calls gc.freeze() once its app is built (an experiment: see "
+        "bench/gc_cost.py)",
+    )
+    parser.add_argument(
         "--nice",
         type=int,
         default=0,
@@ -769,6 +778,8 @@ def command_options(args: argparse.Namespace) -> list[str]:
         out += ["--nice", str(args.nice)]
     if args.no_pin:
         out.append("--no-pin")
+    if args.gc_freeze:
+        out.append("--gc-freeze")
     return out
 
 

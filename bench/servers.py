@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import gc
 import json
+import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -442,6 +444,27 @@ APPS: dict[str, Callable[[str, Settings], ASGIApp]] = {
 }
 
 
+def _report_gc(path: Path) -> None:
+    """Time every collection by generation; on SIGUSR1 write the totals (JSON) to ``path``."""
+    totals = {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0]}
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            generation = info["generation"]
+            totals["collections"][generation] += 1
+            totals["seconds"][generation] += time.perf_counter() - started[0]
+
+    def report(signum: int, frame: Any) -> None:
+        tracked = len(gc.get_objects())
+        path.write_text(json.dumps({**totals, "tracked": tracked}))
+
+    gc.callbacks.append(on_gc)
+    signal.signal(signal.SIGUSR1, report)
+
+
 def serve(name: str, port: int, upstream: str, settings: Settings) -> None:
     """Serve FakeLLM (``fakellm``) or one of :data:`APPS` until terminated."""
     loop, http = machine.loop_settings()
@@ -456,8 +479,16 @@ def serve(name: str, port: int, upstream: str, settings: Settings) -> None:
         raise SystemExit(fakellm(["--port", str(port), "--chunks", str(CHUNKS)]))
     import uvicorn
 
+    app = APPS[name](upstream, settings)
+    if settings.get("gc_freeze"):
+        # What a prefork server's user may do: what is loaded by now is never traversed by
+        # the cyclic GC again (bench/gc_cost.py measures what a full collection costs).
+        gc.collect()
+        gc.freeze()
+    if settings.get("gc_report"):
+        _report_gc(Path(settings["gc_report"]) / f"{name}.json")
     uvicorn.run(
-        APPS[name](upstream, settings),
+        app,
         host="127.0.0.1",
         port=port,
         loop=loop,
