@@ -65,7 +65,7 @@ def test_serve_answers_the_sdk_on_the_embedded_config(served: str) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 
-def test_demo_ramps_the_canary_and_keeps_its_users() -> None:
+def test_demo_ramps_the_canary_and_keeps_its_users(capfd: pytest.CaptureFixture[str]) -> None:
     answered: Counter[tuple[str, int]] = Counter()
 
     def record(sender: object, **event: Any) -> None:
@@ -92,6 +92,8 @@ def test_demo_ramps_the_canary_and_keeps_its_users() -> None:
     assert float(stages[-1][2]) > 90  # at 100% nearly everything reaches the canary
     for _, _, _, kept, had, _ in stages:
         assert kept == had  # raising the canary never takes it away from a user who had it
+    # The canary's 503s reach the in-app endpoint too: passed on, never a traceback.
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_demo_users_spread_evenly_so_a_5_percent_canary_has_one() -> None:
