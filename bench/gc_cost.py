@@ -46,11 +46,10 @@ def probe(bench: Bench, server: str, reports: Path) -> dict[str, Any]:
     path.unlink(missing_ok=True)
     os.kill(bench.pid(server), signal.SIGUSR1)
     deadline = time.monotonic() + 10
-    while not path.exists() or not path.read_text():
+    while not path.exists():
         if time.monotonic() > deadline:
             raise RuntimeError(f"{server} wrote no GC report:\n{bench.log_tail(server)}")
         time.sleep(0.05)
-    time.sleep(0.05)  # the report is one short write; let it finish
     report: dict[str, Any] = json.loads(path.read_text())
     return report
 

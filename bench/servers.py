@@ -458,8 +458,9 @@ def _report_gc(path: Path) -> None:
             totals["seconds"][generation] += time.perf_counter() - started[0]
 
     def report(signum: int, frame: Any) -> None:
-        tracked = len(gc.get_objects())
-        path.write_text(json.dumps({**totals, "tracked": tracked}))
+        partial = path.with_suffix(".partial")  # renamed whole: the reader never sees half
+        partial.write_text(json.dumps({**totals, "tracked": len(gc.get_objects())}))
+        partial.replace(path)
 
     gc.callbacks.append(on_gc)
     signal.signal(signal.SIGUSR1, report)
