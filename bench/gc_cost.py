@@ -8,8 +8,8 @@ took, and the objects the GC tracks in the server. The counts are what to compar
 hardly depend on what else the machine does; the times do, like any timing.
 
 Why: in session 9, the relay benchmark with every server calling ``gc.freeze()`` once its
-app was built (``bench_relay.py --gc-freeze``) read relaymw 0.78-0.85x the bare relay
-instead of 0.73-0.75x. This shows where that goes::
+app was built (``bench_relay.py --gc-freeze``) read relaymw 0.78-0.91x the bare relay
+instead of 0.73-0.82x (BENCHMARKS.md, "Session 9"). This shows where part of that goes::
 
     python bench/gc_cost.py                    # bare relay, relaymw; JSON and streams
     python bench/gc_cost.py --gc-freeze        # the same, every server frozen
